@@ -1,0 +1,66 @@
+"""The offline dataset of sampled, verified responses: JSON records in an array_record file.
+
+One record per sample: prompt and response token ids (unpadded; the response ends with EOS
+unless it was cut at the length limit), the behaviour policy's log-probs of the sampled tokens,
+the reference policy's log-probs (recomputed with the training forward pass), the reward, and
+what the verifier saw. JSON, not pickle: a dataset received from elsewhere is only data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from array_record.python import array_record_module
+
+from dqo_jax.data.batches import left_pad, right_pad
+
+FIELDS = ("prompt_index", "prompt", "response", "behaviour_logprobs", "ref_logprobs", "reward",
+          "correct", "predicted", "finish", "num_steps", "text")
+
+
+def write_records(path: str, records: list[dict]) -> None:
+  """Writes atomically: a reader never sees a half-written file."""
+  tmp = path + ".tmp"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  for rec in records:
+    missing = set(FIELDS) - rec.keys()
+    if missing:
+      raise ValueError(f"offline record lacks {sorted(missing)}")
+    writer.write(json.dumps(rec).encode())
+  writer.close()
+  os.replace(tmp, path)
+
+
+def read_records(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"offline dataset {path} not found: run the 'sample' stage first")
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return [json.loads(r) for r in reader.read_all()]
+  finally:
+    reader.close()
+
+
+def to_arrays(records: list[dict], max_prompt_len: int, max_response_len: int,
+              pad_id: int) -> dict[str, np.ndarray]:
+  """The DQO training arrays in the batch layout of `dqo_jax.data.batches`."""
+  for r in records:
+    if len(r["prompt"]) > max_prompt_len or len(r["response"]) > max_response_len:
+      raise ValueError("an offline sample is longer than data.max_prompt_len/max_response_len; "
+                       "sample again with the same limits the training stage uses")
+  prompt, prompt_mask = left_pad([r["prompt"] for r in records], max_prompt_len, pad_id)
+  response, response_len = right_pad([r["response"] for r in records], max_response_len, pad_id)
+  floats = lambda key: right_pad_floats([r[key] for r in records], max_response_len)
+  return dict(prompt=prompt, prompt_mask=prompt_mask, response=response,
+              response_len=response_len,
+              behaviour_logprobs=floats("behaviour_logprobs"), ref_logprobs=floats("ref_logprobs"),
+              reward=np.array([r["reward"] for r in records], np.float32))
+
+
+def right_pad_floats(seqs: list[list[float]], length: int) -> np.ndarray:
+  out = np.zeros((len(seqs), length), np.float32)
+  for i, s in enumerate(seqs):
+    out[i, :len(s)] = s
+  return out

@@ -1,0 +1,417 @@
+"""Direct Q-function Optimization (DQO) targets and losses.
+
+Pure functions over padded ``[batch, time]`` arrays, in the style of rlax. The
+method and every equation below are defined in ``docs/dqo-method.md``.
+
+Conventions shared by every function here:
+
+* ``mask`` is 1 (or True) on valid response tokens and 0 on padding. Padding is
+  on the right, so each row of ``mask`` is a prefix of ones; build it with
+  :func:`mask_from_lengths`, never from ``tokens != pad_id`` (pad may equal EOS).
+* ``values[:, t]`` is V(s_t), read at the position whose logits predict a_t.
+* The state after the last valid token is terminal: V(s_{T+1}) := 0 and
+  G_{T+1} := 0. The value the model computes past the mask is never used.
+* Padded entries of every input are replaced (``jnp.where``) before any
+  arithmetic, so garbage there (even NaN/inf) reaches neither outputs nor
+  gradients.
+* Arithmetic runs in at least float32 (bf16 inputs are upcast); float64 inputs
+  stay float64 when ``jax_enable_x64`` is on.
+"""
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+Array = chex.Array
+
+_NORMALIZATIONS = ("token", "sequence")
+
+
+# ----------------------------------------------------------------------------
+# Helpers.
+
+
+def _compute_dtype(*arrays: Array) -> jnp.dtype:
+  """The common float dtype of `arrays`, at least float32."""
+  return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
+
+
+def _valid(mask: Array) -> Array:
+  return jnp.asarray(mask).astype(bool)
+
+
+def _masked(x: Array, valid: Array, dtype) -> Array:
+  # `where`, not a multiply: 0 * NaN is NaN, and the gradient of a multiply
+  # would still flow through padded entries.
+  return jnp.where(valid, x.astype(dtype), jnp.zeros((), dtype))
+
+
+def _shift_left(x: Array) -> Array:
+  """x[:, t + 1], with 0 in the last column. [B, T] -> [B, T]."""
+  return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+
+
+def _check_normalize(normalize: str) -> None:
+  if normalize not in _NORMALIZATIONS:
+    raise ValueError(
+        f"normalize must be one of {_NORMALIZATIONS}, got {normalize!r}.")
+
+
+def masked_mean(x: Array, mask: Array, *, normalize: str = "token") -> Array:
+  """Mean of `x` over valid tokens.
+
+  Args:
+    x: [B, T] per-token quantity.
+    mask: [B, T] 1 on valid tokens.
+    normalize: "token": sum over all valid tokens / number of valid tokens in
+      the batch. "sequence": per-sequence mean over its valid tokens, then the
+      mean over sequences that have at least one valid token.
+
+  Returns:
+    scalar; 0 when the batch has no valid token.
+  """
+  chex.assert_rank([x, mask], 2)
+  chex.assert_equal_shape([x, mask])
+  _check_normalize(normalize)
+  valid = _valid(mask)
+  dtype = _compute_dtype(x)
+  x = _masked(x, valid, dtype)
+  counts = jnp.sum(valid, axis=1).astype(dtype)  # [B]
+  if normalize == "token":
+    # mean = sum_{b,t} m x / max(1, sum_{b,t} m)
+    return jnp.sum(x) / jnp.maximum(jnp.sum(counts), 1.0)
+  # mean = sum_b [n_b > 0] (sum_t m x / n_b) / max(1, #{b: n_b > 0})
+  per_seq = jnp.sum(x, axis=1) / jnp.maximum(counts, 1.0)
+  has_tokens = counts > 0
+  return jnp.sum(per_seq) / jnp.maximum(jnp.sum(has_tokens).astype(dtype), 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Masks and rewards from lengths.
+
+
+def mask_from_lengths(lengths: Array, T: int) -> Array:
+  """Right-padded response mask.
+
+  Args:
+    lengths: [B] int, number of valid tokens per row (EOS included).
+    T: static padded length.
+
+  Returns:
+    [B, T] float32, mask[b, t] = 1 if t < lengths[b] else 0.
+  """
+  chex.assert_rank(lengths, 1)
+  # m[b, t] = [t < len_b]
+  return (jnp.arange(T)[None, :] < lengths[:, None]).astype(jnp.float32)
+
+
+def place_outcome_rewards(outcome: Array, lengths: Array, T: int) -> Array:
+  """Puts each sequence's outcome reward on its last valid token.
+
+  Rows with length 0 are all zero. Lengths must be <= T: a row longer than T
+  gets no reward here, and the caller must drop such samples rather than
+  truncate them into a terminal state.
+
+  Args:
+    outcome: [B] float, outcome reward R(x, y).
+    lengths: [B] int, number of valid tokens per row.
+    T: static padded length.
+
+  Returns:
+    [B, T], r[b, t] = outcome[b] if t == lengths[b] - 1 else 0.
+  """
+  chex.assert_rank([outcome, lengths], 1)
+  chex.assert_equal_shape([outcome, lengths])
+  dtype = _compute_dtype(outcome)
+  # r[b, t] = R_b [t = len_b - 1]
+  at_last = jnp.arange(T)[None, :] == (lengths[:, None] - 1)
+  return jnp.where(at_last, outcome[:, None].astype(dtype), jnp.zeros((), dtype))
+
+
+# ----------------------------------------------------------------------------
+# Log-probabilities.
+
+
+def token_logprobs(logits: Array, targets: Array) -> Array:
+  """Log-probability of each target token.
+
+  The caller aligns the inputs: logits[:, t] is the distribution that predicts
+  targets[:, t].
+
+  Args:
+    logits: [B, T, V] any float dtype.
+    targets: [B, T] int in [0, V).
+
+  Returns:
+    [B, T] float32 (float64 for float64 logits), log_softmax(logits)[targets].
+  """
+  chex.assert_rank(logits, 3)
+  chex.assert_rank(targets, 2)
+  chex.assert_equal_shape_prefix([logits, targets], 2)
+  # Upcast first: logsumexp over a large vocabulary in bf16 loses the answer.
+  logits = logits.astype(_compute_dtype(logits))
+  # log pi(a) = z_a - logsumexp(z)
+  target_logits = jnp.take_along_axis(
+      logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return target_logits - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sequence_nll(logprobs: Array, mask: Array, *,
+                 normalize: str = "token") -> Array:
+  """SFT negative log-likelihood over valid tokens.
+
+  Args:
+    logprobs: [B, T] log pi(a_t|s_t).
+    mask: [B, T] 1 on valid tokens.
+    normalize: "token" or "sequence", as in :func:`masked_mean`.
+
+  Returns:
+    scalar, -mean_t log pi(a_t|s_t).
+  """
+  chex.assert_rank([logprobs, mask], 2)
+  chex.assert_equal_shape([logprobs, mask])
+  # L = -E_t[log pi(a_t|s_t)]
+  return -masked_mean(logprobs, mask, normalize=normalize)
+
+
+# ----------------------------------------------------------------------------
+# Targets.
+
+
+def next_values(values: Array, mask: Array) -> Array:
+  """V(s_{t+1}), zero at and after the last valid token.
+
+  Args:
+    values: [B, T] V(s_t).
+    mask: [B, T] 1 on valid tokens (a prefix of ones per row).
+
+  Returns:
+    [B, T], values[:, t + 1] where tokens t and t + 1 are both valid, else 0.
+  """
+  chex.assert_rank([values, mask], 2)
+  chex.assert_equal_shape([values, mask])
+  valid = _valid(mask)
+  v = _masked(values, valid, _compute_dtype(values))
+  # V(s_{t+1}) = m_{t+1} V[t+1]; V(terminal) = 0, whatever the model computed.
+  return jnp.where(valid, _shift_left(v), 0.0)
+
+
+def soft_lambda_returns(
+    rewards: Array,
+    values: Array,
+    policy_logprobs: Array,
+    ref_logprobs: Array,
+    mask: Array,
+    *,
+    beta: float,
+    lam: float,
+    behaviour_logprobs: Optional[Array] = None,
+    rho_max: float = 1.0,
+    c_max: float = 1.0,
+) -> Array:
+  """Soft lambda-returns G_t, optionally with truncated importance traces.
+
+  With behaviour_logprobs=None (the default, rho = c = 1):
+    G_t = rt~_t + (1 - lam) V(s_{t+1}) + lam G_{t+1},   rt~_t = r_t - beta l_t.
+  With behaviour_logprobs (V-trace):
+    G_t = V(s_t) + rho_t delta_t + lam c_t (G_{t+1} - V(s_{t+1})),
+    delta_t = rt~_t + V(s_{t+1}) - V(s_t),
+    rho_t = min(rho_max, pi/mu), c_t = min(c_max, pi/mu).
+  In both, l_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t), V(s_{T+1}) = 0 and
+  G_{T+1} = 0 after the last valid token. Everything is a target: gradients do
+  not flow through the result.
+
+  Args:
+    rewards: [B, T] r_t (outcome reward on the last valid token, plus any
+      process/shaping rewards).
+    values: [B, T] V(s_t).
+    policy_logprobs: [B, T] log pi_theta(a_t|s_t).
+    ref_logprobs: [B, T] log pi_ref(a_t|s_t).
+    mask: [B, T] 1 on valid tokens (a prefix of ones per row).
+    beta: KL coefficient.
+    lam: lambda in [0, 1].
+    behaviour_logprobs: optional [B, T] log mu(a_t|s_t); None turns importance
+      correction off.
+    rho_max: static float, truncation of rho_t.
+    c_max: static float, truncation of c_t; must be <= rho_max.
+
+  Returns:
+    [B, T] G_t, 0 where mask is 0.
+  """
+  if c_max > rho_max:
+    raise ValueError(
+        f"c_max ({c_max}) must not exceed rho_max ({rho_max}) (V-trace).")
+  arrays = [rewards, values, policy_logprobs, ref_logprobs, mask]
+  if behaviour_logprobs is not None:
+    arrays.append(behaviour_logprobs)
+  chex.assert_rank(arrays, 2)
+  chex.assert_equal_shape(arrays)
+
+  valid = _valid(mask)
+  dtype = _compute_dtype(rewards, values, policy_logprobs, ref_logprobs)
+  prep = lambda x: _masked(jax.lax.stop_gradient(x), valid, dtype)
+  r = prep(rewards)
+  v = prep(values)
+  log_pi = prep(policy_logprobs)
+  l = log_pi - prep(ref_logprobs)
+  v_next = next_values(v, valid)
+  beta = jnp.asarray(jax.lax.stop_gradient(beta), dtype)
+  lam = jnp.asarray(jax.lax.stop_gradient(lam), dtype)
+  # rt~_t = r_t - beta sg(l_t)
+  soft_r = r - beta * l
+
+  if behaviour_logprobs is None:
+    traces = None
+  else:
+    # ratio_t = exp(sg(log pi - log mu)); padded ratios are never used.
+    log_ratio = log_pi - prep(behaviour_logprobs)
+    ratio = jnp.exp(log_ratio)
+    rho = jnp.minimum(jnp.asarray(rho_max, dtype), ratio)
+    c = jnp.minimum(jnp.asarray(c_max, dtype), ratio)
+    traces = (rho.T, c.T)
+
+  def step(g_next, xs):
+    # g_next = G_{t+1}, already 0 when token t + 1 is padding.
+    if traces is None:
+      soft_r_t, v_t, v_next_t, valid_t = xs
+      # G_t = rt~_t + (1 - lam) V(s_{t+1}) + lam G_{t+1}
+      g = soft_r_t + (1.0 - lam) * v_next_t + lam * g_next
+    else:
+      soft_r_t, v_t, v_next_t, valid_t, rho_t, c_t = xs
+      # G_t = V_t + rho_t delta_t + lam c_t (G_{t+1} - V(s_{t+1}))
+      delta = soft_r_t + v_next_t - v_t
+      g = v_t + rho_t * delta + lam * c_t * (g_next - v_next_t)
+    g = jnp.where(valid_t, g, 0.0)
+    return g, g
+
+  xs = (soft_r.T, v.T, v_next.T, valid.T)
+  if traces is not None:
+    xs = xs + traces
+  g_init = jnp.zeros(r.shape[:1], dtype)
+  _, returns = jax.lax.scan(step, g_init, xs, reverse=True)
+  return jax.lax.stop_gradient(returns.T)
+
+
+def q_targets(
+    rewards: Array,
+    values: Array,
+    returns: Array,
+    mask: Array,
+    *,
+    lam: float,
+) -> Array:
+  """Target y_t that beta * l_t regresses onto in the Q loss.
+
+    y_t = r_t + (1 - lam) V(s_{t+1}) + lam G_{t+1} - V(s_t)   (all sg)
+
+  With V(s_{T+1}) = G_{T+1} = 0 after the last valid token. The soft
+  lambda-advantage for logging is A_t = y_t - beta * sg(l_t)
+  (= G_t - V(s_t) without importance correction).
+
+  Args:
+    rewards: [B, T] r_t.
+    values: [B, T] V(s_t).
+    returns: [B, T] G_t from :func:`soft_lambda_returns`.
+    mask: [B, T] 1 on valid tokens (a prefix of ones per row).
+    lam: lambda in [0, 1].
+
+  Returns:
+    [B, T] y_t, 0 where mask is 0.
+  """
+  chex.assert_rank([rewards, values, returns, mask], 2)
+  chex.assert_equal_shape([rewards, values, returns, mask])
+  valid = _valid(mask)
+  dtype = _compute_dtype(rewards, values, returns)
+  prep = lambda x: _masked(jax.lax.stop_gradient(x), valid, dtype)
+  r = prep(rewards)
+  v = prep(values)
+  g = prep(returns)
+  v_next = next_values(v, valid)
+  g_next = next_values(g, valid)
+  lam = jnp.asarray(jax.lax.stop_gradient(lam), dtype)
+  # y_t = r_t + (1 - lam) V(s_{t+1}) + lam G_{t+1} - V(s_t)
+  y = r + (1.0 - lam) * v_next + lam * g_next - v
+  return jnp.where(valid, y, 0.0)
+
+
+# ----------------------------------------------------------------------------
+# Losses.
+
+
+def dqo_value_loss(
+    values: Array,
+    returns: Array,
+    mask: Array,
+    *,
+    normalize: str = "token",
+) -> Array:
+  """Value regression onto the soft lambda-returns.
+
+    L_V = E_t[(V(s_t) - sg(G_t))^2]
+
+  Args:
+    values: [B, T] V_phi(s_t) (differentiated).
+    returns: [B, T] G_t (stopped).
+    mask: [B, T] 1 on valid tokens.
+    normalize: "token" or "sequence", as in :func:`masked_mean`.
+
+  Returns:
+    scalar loss.
+  """
+  chex.assert_rank([values, returns, mask], 2)
+  chex.assert_equal_shape([values, returns, mask])
+  valid = _valid(mask)
+  dtype = _compute_dtype(values, returns)
+  v = _masked(values, valid, dtype)
+  g = _masked(jax.lax.stop_gradient(returns), valid, dtype)
+  # (V_t - sg(G_t))^2
+  return masked_mean(jnp.square(v - g), valid, normalize=normalize)
+
+
+def dqo_q_loss(
+    policy_logprobs: Array,
+    ref_logprobs: Array,
+    values: Array,
+    rewards: Array,
+    returns: Array,
+    mask: Array,
+    *,
+    beta: float,
+    lam: float,
+    normalize: str = "token",
+) -> Array:
+  """Q-function (policy) regression: beta * l_t + V(s_t) onto its lambda-target.
+
+    L_Q = E_t[(beta l_t - y_t)^2],  l_t = log pi_theta - log pi_ref,
+    y_t = r_t + (1 - lam) V(s_{t+1}) + lam G_{t+1} - V(s_t)   (sg)
+    grad L_Q,t = -2 beta A_t grad log pi_theta,  A_t = y_t - beta l_t.
+
+  Args:
+    policy_logprobs: [B, T] log pi_theta(a_t|s_t) (differentiated).
+    ref_logprobs: [B, T] log pi_ref(a_t|s_t) (stopped).
+    values: [B, T] V(s_t) (stopped).
+    rewards: [B, T] r_t.
+    returns: [B, T] G_t from :func:`soft_lambda_returns` (stopped).
+    mask: [B, T] 1 on valid tokens (a prefix of ones per row).
+    beta: KL coefficient.
+    lam: lambda used for `returns`.
+    normalize: "token" or "sequence", as in :func:`masked_mean`.
+
+  Returns:
+    scalar loss.
+  """
+  chex.assert_rank([policy_logprobs, ref_logprobs, values, rewards, returns,
+                    mask], 2)
+  chex.assert_equal_shape([policy_logprobs, ref_logprobs, values, rewards,
+                           returns, mask])
+  valid = _valid(mask)
+  y = q_targets(rewards, values, returns, valid, lam=lam)
+  dtype = _compute_dtype(policy_logprobs, ref_logprobs, y)
+  # l_t is deliberately not stopped: it is what the loss trains.
+  l = (_masked(policy_logprobs, valid, dtype)
+       - _masked(jax.lax.stop_gradient(ref_logprobs), valid, dtype))
+  beta = jnp.asarray(jax.lax.stop_gradient(beta), dtype)
+  # (beta l_t - y_t)^2
+  return masked_mean(jnp.square(beta * l - y), valid, normalize=normalize)

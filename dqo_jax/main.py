@@ -1,0 +1,140 @@
+"""The pipeline: `python -m dqo_jax.main --config=configs/arith.py --workdir=DIR`.
+
+Runs the stages named in `config.stages` in order (sft, sample, dqo, eval). Each writes under
+DIR/<stage>/ and ends by writing DIR/<stage>/DONE.json; a stage with that file is skipped, and a
+training stage that was interrupted resumes from its last checkpoint. Config values are
+overridden on the command line, e.g. `--config.dqo.beta=0.05`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
+
+
+def check_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir} is not writable ({e.strerror}); pass a directory you "
+                    "can write to")
+  return workdir
+
+
+class UserError(Exception):
+  """Bad input: reported as one line, without a traceback."""
+
+
+def check_config(config) -> list[str]:
+  from dqo_jax.stages.context import STAGES
+  stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise UserError(f"config.stages names unknown stage(s) {unknown}; choose from {list(STAGES)}")
+  d = config.dqo
+  if d.importance_traces and d.c_max > d.rho_max:
+    raise UserError(f"config.dqo.c_max={d.c_max} exceeds rho_max={d.rho_max}; V-trace needs "
+                    "c_max <= rho_max")
+  if d.loss_norm not in ("token", "sequence"):
+    raise UserError(f"config.dqo.loss_norm={d.loss_norm!r}; use 'token' or 'sequence'")
+  if not 0.0 <= d.lam <= 1.0:
+    raise UserError(f"config.dqo.lam={d.lam} must lie in [0, 1]")
+  if config.eval.every % config.log_every:
+    raise UserError(f"config.eval.every={config.eval.every} must be a multiple of "
+                    f"config.log_every={config.log_every}")
+  return stages
+
+
+def run_pipeline(config, workdir: str) -> dict:
+  from dqo_jax.metrics import write_json_atomic
+  from dqo_jax.stages import dqo, evaluate, sample, sft
+  from dqo_jax.stages.context import build_context
+  runners = {"sft": sft.run, "sample": sample.run, "dqo": dqo.run, "eval": evaluate.run}
+
+  stages = check_config(config)
+  workdir = check_workdir(workdir)
+  write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  ctx = build_context(config, workdir)
+  print(f"[setup] {len(ctx.train)} train / {len(ctx.test)} test problems, "
+        f"vocabulary {ctx.tokenizer.vocab_size}, devices {ctx.mesh.devices.size} "
+        f"(mesh {dict(ctx.mesh.shape)}), workdir {workdir}")
+  timings = {}
+  for stage in stages:
+    done_file = os.path.join(workdir, stage, "DONE.json")
+    if os.path.exists(done_file):
+      print(f"[{stage}] already complete ({done_file}); skipped")
+      continue
+    t0 = time.time()
+    summary = runners[stage](ctx)
+    timings[stage] = round(time.time() - t0, 1)
+    write_json_atomic(done_file, dict(summary=summary, seconds=timings[stage]))
+    print(f"[{stage}] done in {timings[stage]:.0f}s: {json.dumps(summary, default=str)}")
+  results_file = os.path.join(workdir, "results.json")
+  if os.path.exists(results_file):
+    with open(results_file) as f:
+      results = json.load(f)
+    print("\nGreedy accuracy on the test split\n" + evaluate.format_table(results))
+    return results
+  return {}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  # Orbax and TFDS log every file they touch at INFO; the progress bars say what matters.
+  logging.set_verbosity(logging.WARNING)
+  from dqo_jax.train.loop import Interrupted
+  config = _CONFIG.value
+  if config is None or not _WORKDIR.value:
+    raise app.UsageError("both --config=FILE and --workdir=DIR are required")
+  try:
+    run_pipeline(config, _WORKDIR.value)
+  except Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(130)
+  except (UserError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+  """ml_collections nests reprs, tracebacks and newlines in its messages: keep the gist."""
+  text = str(e).replace("\\n", "\n").replace("\\'", "'")
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  if "Traceback" in text:  # an exception raised inside the config file: its last line says why
+    lines = lines[-1:]
+  msg = " ".join(" ".join(lines).split())
+  if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
+    msg = msg[1:-1]
+  if isinstance(e, (AttributeError, KeyError)):
+    msg = f"unknown config key {msg.replace(chr(39), '')}"
+  return msg
+
+
+def parse_flags(argv):
+  """absl's parser, with a bad config file or override reported as one line."""
+  try:
+    argv = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a config file that failed to load raises on first use
+    return argv
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    print(f"error: {_one_line(e)} (check --config and its --config.* overrides)",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,83 @@
+"""Stage `sample`: K responses per training prompt from the SFT policy, verified and stored.
+
+The offline dataset holds, per sample, the behaviour log-probs returned by the sampler (the
+distribution actually sampled from, after temperature) and the reference log-probs recomputed
+with the training forward pass, so DQO never runs the reference model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from dqo_jax import sharding
+from dqo_jax.data.offline import write_records
+from dqo_jax.generation import generate_all, grade_samples
+from dqo_jax.sampler import FINISH_EOS
+from dqo_jax.stages.context import Context
+from dqo_jax.train.forward import response_logprobs
+
+SAMPLES_FILE = "samples.array_record"
+
+
+def reference_logprobs(ctx: Context, params, prompt, prompt_mask, samples, batch_size: int):
+  """log pi_ref of every sampled token, [N, R], with the training code's forward pass."""
+  fn = jax.jit(lambda p, b: response_logprobs(ctx.policy_model, p, b))
+  batch_sh = sharding.batch_sharding(ctx.mesh)
+  n, out = prompt.shape[0], []
+  for start in tqdm(range(0, n, batch_size), desc="reference log-probs", leave=False):
+    idx = np.arange(start, start + batch_size) % n
+    batch = dict(prompt=prompt[idx], prompt_mask=prompt_mask[idx], response=samples.tokens[idx],
+                 response_len=samples.lengths[idx])
+    out.append(np.asarray(fn(params, jax.device_put(batch, batch_sh)))[:min(batch_size, n - start)])
+  return np.concatenate(out)
+
+
+def run(ctx: Context) -> dict:
+  cfg, tok = ctx.config, ctx.tokenizer
+  s = cfg.sample
+  params = ctx.sft_params()
+  n_prompts = len(ctx.train) if s.num_prompts < 0 else min(s.num_prompts, len(ctx.train))
+  k = s.samples_per_prompt
+  prompt_index = np.repeat(np.arange(n_prompts), k)
+  prompt = ctx.train.arrays["prompt"][prompt_index]
+  prompt_mask = ctx.train.arrays["prompt_mask"][prompt_index]
+  samples = generate_all(
+      ctx.policy_model, params, prompt, prompt_mask, jax.random.key(cfg.seed + 1), tok=tok,
+      mesh=ctx.mesh, batch_size=s.batch_size, max_new_tokens=cfg.data.max_response_len,
+      temperature=s.temperature, desc=f"sample {k} x {n_prompts} prompts")
+  examples = [ctx.train.examples[i] for i in prompt_index]
+  texts, grades, reward = grade_samples(cfg.data.task, tok, samples, [e["solution"] for e in examples],
+                                        cfg.rewards)
+  ref = reference_logprobs(ctx, params, prompt, prompt_mask, samples, s.batch_size)
+  records = []
+  for i, ex in enumerate(examples):
+    length, pmask = int(samples.lengths[i]), prompt_mask[i].astype(bool)
+    records.append(dict(
+        prompt_index=int(prompt_index[i]), prompt=prompt[i][pmask].tolist(),
+        response=samples.tokens[i, :length].tolist(),
+        behaviour_logprobs=samples.logprobs[i, :length].tolist(),
+        ref_logprobs=ref[i, :length].tolist(), reward=float(reward[i]),
+        correct=grades[i].correct, predicted=grades[i].predicted,
+        finish="eos" if samples.finish[i] == FINISH_EOS else "length",
+        num_steps=int(ex["num_steps"]), text=texts[i]))
+  write_records(os.path.join(ctx.stage_dir("sample"), SAMPLES_FILE), records)
+
+  correct = np.array([g.correct for g in grades]).reshape(n_prompts, k)
+  lengths = samples.lengths
+  mask = np.arange(samples.tokens.shape[1])[None] < lengths[:, None]
+  # At temperature 1 the sampler's and the training pass's log-probs must agree: a cheap check
+  # that the KV-cache decode path and the full forward pass compute the same model.
+  gap = float(np.abs(samples.logprobs - ref)[mask].max()) if s.temperature == 1.0 else None
+  return dict(
+      num_prompts=n_prompts, samples_per_prompt=k, num_samples=len(records),
+      fraction_correct=float(correct.mean()),
+      prompts_all_correct=float(correct.all(1).mean()),
+      prompts_all_incorrect=float((~correct).all(1).mean()),
+      prompts_mixed=float((correct.any(1) & ~correct.all(1)).mean()),
+      fraction_cut_at_length=float(np.mean(samples.finish != FINISH_EOS)),
+      mean_response_tokens=float(lengths.mean()),
+      max_abs_behaviour_minus_reference_logprob=gap)

@@ -1,0 +1,26 @@
+"""Stage `sft`: supervised fine-tuning on the gold solutions (loss on solution tokens only)."""
+
+from __future__ import annotations
+
+import jax
+
+from dqo_jax.data.batches import batch_indices, take
+from dqo_jax.stages.context import Context
+from dqo_jax.stages.monitor import accuracy_monitor
+from dqo_jax.train.loop import fit
+from dqo_jax.train.sft_step import make_sft_step
+
+BATCH_KEYS = ("prompt", "prompt_mask", "response", "response_len")
+
+
+def run(ctx: Context) -> dict:
+  cfg = ctx.config
+  init_fn, tx = ctx.sft_init_fn()
+  arrays, n = ctx.train.arrays, len(ctx.train)
+  batch_at = lambda i: take(arrays, batch_indices(n, cfg.sft.batch_size, i, cfg.seed), BATCH_KEYS)
+  _, summary = fit(
+      stage_dir=ctx.stage_dir("sft"), init_fn=init_fn, step_fn=make_sft_step(ctx.policy_model, tx),
+      batch_at=batch_at, num_steps=cfg.sft.steps, mesh=ctx.mesh, rules=ctx.rules,
+      rng=jax.random.key(cfg.seed), checkpoint_cfg=cfg.checkpoint, log_every=cfg.log_every,
+      desc="sft", on_log=accuracy_monitor(ctx, lambda state: state.params))
+  return summary

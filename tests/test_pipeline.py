@@ -1,0 +1,115 @@
+"""The command a user runs, end to end on the reduced config: every stage's outputs, skipping
+finished stages, resuming after SIGTERM and kill -9, and one-line errors for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dqo_jax.data.offline import FIELDS, read_records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cmd(workdir, *overrides):
+  return [sys.executable, "-m", "dqo_jax.main", "--config=configs/arith.py:tiny",
+          f"--workdir={workdir}", *overrides]
+
+
+def _run(workdir, *overrides, timeout=600):
+  return subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  proc = _run(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_every_stage_writes_its_outputs(finished):
+  workdir, proc = finished
+  for stage in ("sft", "sample", "dqo", "eval"):
+    assert os.path.exists(workdir / stage / "DONE.json"), stage
+  for stage in ("sft", "dqo"):
+    steps = [d for d in os.listdir(workdir / stage / "checkpoints") if d.isdigit()]
+    assert str({"sft": 20, "dqo": 10}[stage]) in steps
+    assert any(f.startswith("events") for f in os.listdir(workdir / stage / "tb"))
+  records = read_records(str(workdir / "sample" / "samples.array_record"))
+  assert len(records) == 32 * 2
+  for r in records:
+    assert set(FIELDS) <= r.keys()
+    assert len(r["response"]) == len(r["behaviour_logprobs"]) == len(r["ref_logprobs"]) > 0
+    assert r["finish"] in ("eos", "length")
+  results = json.loads((workdir / "results.json").read_text())
+  assert set(results) == {"sft", "dqo"}
+  for r in results.values():
+    assert 0.0 <= r["accuracy"] <= 1.0 and set(r["by_steps"]) <= {"2", "3", "4", "5"}
+  assert "Greedy accuracy on the test split" in proc.stdout
+
+
+def test_rerun_skips_finished_stages(finished):
+  workdir, _ = finished
+  proc = _run(workdir)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for stage in ("sft", "sample", "dqo", "eval"):
+    assert f"[{stage}] already complete" in proc.stdout
+
+
+def _wait_for_checkpoint(directory, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
+      return
+    assert proc.poll() is None, "the run ended before writing a checkpoint"
+    time.sleep(0.2)
+  raise TimeoutError(directory)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
+  overrides = ("--config.stages=sft", "--config.sft.steps=400", "--config.checkpoint.every=5")
+  proc = subprocess.Popen(_cmd(tmp_path, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(tmp_path / "sft" / "checkpoints", proc)
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=120)
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 130 and "rerun the same command to resume" in err
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  assert not os.path.exists(tmp_path / "sft" / "DONE.json")
+  again = _run(tmp_path, *overrides)
+  assert again.returncode == 0, again.stderr[-2000:]
+  resumed = [l for l in again.stderr.splitlines() + again.stdout.splitlines()
+             if "resuming from the checkpoint at step" in l]
+  assert resumed and int(resumed[0].rsplit(" ", 1)[1]) > 0
+  assert json.loads((tmp_path / "sft" / "DONE.json").read_text())["summary"]["resumed_from"] > 0
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.dqo.betaa=1", "unknown config key"),
+    ("--config.dqo.beta=abc", "could not convert string to float"),
+    ("--config.stages=sft,rl", "unknown stage"),
+])
+def test_bad_config_gets_one_line_error(tmp_path, override, expected):
+  proc = _run(tmp_path, override)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
+  assert "Traceback" not in proc.stderr
+
+
+def test_unwritable_workdir_gets_one_line_error(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  proc = _run(blocker / "run")
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "is not writable" in lines[0]
