@@ -42,7 +42,7 @@ def get_config(arg: str = ""):
 
   c.sft = dict(steps=1200, batch_size=16, optimizer=optimizer(1e-3, 100, weight_decay=0.01))
 
-  c.sample = dict(num_prompts=-1, samples_per_prompt=4, temperature=1.0, batch_size=256)
+  c.sample = dict(num_prompts=2000, samples_per_prompt=4, temperature=1.0, batch_size=256)
 
   # Rewards of a verified response; a response cut at the length limit counts as unparseable.
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)

@@ -34,3 +34,25 @@ def write_json_atomic(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
+
+
+def read_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
+  """Every scalar in the event files of `tb_dir`, as {tag: [(step, value), ...]}.
+
+  Reads the TFRecord framing directly (8-byte length, 4-byte CRC, payload, 4-byte CRC), so
+  plots and tests need neither TensorFlow nor TensorBoard.
+  """
+  import struct
+  from tensorboardX.proto import event_pb2
+  out: dict[str, list[tuple[int, float]]] = {}
+  for name in sorted(os.listdir(tb_dir)):
+    if not name.startswith("events"):
+      continue
+    with open(os.path.join(tb_dir, name), "rb") as f:
+      while header := f.read(12):
+        (length,) = struct.unpack("<Q", header[:8])
+        event = event_pb2.Event.FromString(f.read(length))
+        f.read(4)
+        for v in event.summary.value:
+          out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out

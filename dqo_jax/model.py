@@ -8,7 +8,8 @@ Layout conventions used everywhere in the project:
   * a sequence is [left-padded prompt | right-padded response]; `attention_mask` [B, L] marks
     real tokens, and positions are `cumsum(attention_mask) - 1`, so a token's rotary position
     does not depend on how much padding precedes it;
-  * the KV cache is a dict of arrays laid out [layers, batch, kv_heads, cache_len, head_dim]
+  * the KV cache holds one array per layer for keys and for values, laid out
+    [batch, kv_heads, cache_len, head_dim]
     (measured here 3.2x faster to decode than [batch, seq, heads, head_dim]) plus `key_mask`
     [batch, cache_len] marking which cache slots hold real tokens.
 """
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Cache = dict[str, jax.Array]
+Cache = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +106,21 @@ class Attention(nn.Module):
     b, l = x.shape[:2]
     groups = c.n_heads // c.n_kv_heads
     qg = q.reshape(b, l, c.n_kv_heads, groups, c.head_dim)
-    scores = jnp.einsum("blkgd,bksd->bkgls", qg, k.astype(q.dtype)).astype(jnp.float32)
-    scores = scores / jnp.sqrt(c.head_dim).astype(jnp.float32)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if l == 1:
+      # Decoding one token: XLA:CPU runs these tiny batched matmuls ~3x slower than the same
+      # products written as broadcast-multiply-and-sum (measured at batch 256, cache 128).
+      scores = jnp.sum(qg[:, 0, :, :, None, :] * k[:, :, None], -1)[:, :, :, None]
+    else:
+      scores = jnp.einsum("blkgd,bksd->bkgls", qg, k)
+    scores = scores.astype(jnp.float32) / jnp.sqrt(c.head_dim).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgls,bksd->blkgd", probs, v.astype(q.dtype)).reshape(b, l, c.n_heads, c.head_dim)
+    if l == 1:
+      out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], -2)[:, None]
+    else:
+      out = jnp.einsum("bkgls,bksd->blkgd", probs, v)
+    out = out.reshape(b, l, c.n_heads, c.head_dim)
     out = nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=c.compute_dtype,
                           kernel_init=_init(("heads", "head_dim", "embed")), name="o")(out)
     return out, (k, v)
@@ -178,6 +189,8 @@ class Transformer(nn.Module):
       x, (k, v) = Block(c, name=f"layer_{i}")(x, positions, mask, kv, cache_index)
       new_k.append(k)
       new_v.append(v)
+    # Per-layer arrays, not one stacked array: stacking would copy the whole cache every
+    # decode step, while separate buffers are updated in place inside the while loop.
     x = RMSNorm(c.norm_eps, name="final_norm")(x)
     if self.head == "value":
       # Zero-initialised so a value model built on a trained trunk starts at V = 0.
@@ -190,15 +203,16 @@ class Transformer(nn.Module):
       out = jnp.einsum("bld,dv->blv", x, w.astype(x.dtype)).astype(jnp.float32)
     if cache is None:
       return out, None
-    new_cache = dict(k=jnp.stack(new_k), v=jnp.stack(new_v), key_mask=key_mask,
+    new_cache = dict(k=tuple(new_k), v=tuple(new_v), key_mask=key_mask,
                      next_position=cache["next_position"] + attention_mask.sum(-1))
     return out, new_cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
-  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+  return dict(k=zeros(), v=zeros(),
               key_mask=jnp.zeros((batch, length), bool),
               next_position=jnp.zeros((batch,), jnp.int32))
 

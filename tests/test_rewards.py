@@ -12,17 +12,17 @@ SOLUTION = "12+7=19\n19-5=14\n14*2=28\n#### 28"
 
 
 def test_correct_incorrect_unparseable():
-    assert grade("arith", SOLUTION, SOLUTION) == Grade(True, "28", "correct")
+  assert grade("arith", SOLUTION, SOLUTION) == Grade(True, "28", "correct")
 
-    wrong = grade("arith", "12+7=19\n#### 27", SOLUTION)
-    assert (wrong.correct, wrong.predicted) == (False, "27")
-    assert "28" in wrong.reason
+  wrong = grade("arith", "12+7=19\n#### 27", SOLUTION)
+  assert (wrong.correct, wrong.predicted) == (False, "27")
+  assert "28" in wrong.reason
 
-    missing = grade("arith", "the answer is 28", SOLUTION)
-    assert missing == Grade(False, None, "no '####' answer line")
+  missing = grade("arith", "the answer is 28", SOLUTION)
+  assert missing == Grade(False, None, "no '####' answer line")
 
-    empty = grade("arith", "#### ", SOLUTION)
-    assert (empty.correct, empty.predicted) == (False, None)
+  empty = grade("arith", "#### ", SOLUTION)
+  assert (empty.correct, empty.predicted) == (False, None)
 
 
 @pytest.mark.parametrize(
@@ -50,39 +50,39 @@ def test_correct_incorrect_unparseable():
     ],
 )
 def test_extraction(response, reference, predicted, correct):
-    result = grade("arith", response, reference)
-    assert (result.predicted, result.correct) == (predicted, correct)
+  result = grade("arith", response, reference)
+  assert (result.predicted, result.correct) == (predicted, correct)
 
 
 def test_reference_as_full_solution_or_bare_number():
-    for reference in (SOLUTION, "28", " 28\n", "#### 28"):
-        assert grade("arith", "#### 28", reference).correct
+  for reference in (SOLUTION, "28", " 28\n", "#### 28"):
+    assert grade("arith", "#### 28", reference).correct
 
 
 def test_bad_reference_and_unknown_task():
-    with pytest.raises(ValueError, match="reference"):
-        grade("arith", "#### 1", "no answer here")
-    with pytest.raises(ValueError, match="arith"):
-        grade("gsm9k", "#### 1", "1")
+  with pytest.raises(ValueError, match="reference"):
+    grade("arith", "#### 1", "no answer here")
+  with pytest.raises(ValueError, match="arith"):
+    grade("gsm9k", "#### 1", "1")
 
 
 def test_reward_for():
-    assert reward_for(grade("arith", "#### 28", "28")) == 1.0
-    assert reward_for(grade("arith", "#### 27", "28")) == 0.0
-    assert reward_for(grade("arith", "28", "28")) == 0.0
-    kwargs = dict(correct=2.0, incorrect=-1.0, unparseable=-5.0)
-    assert reward_for(grade("arith", "#### 28", "28"), **kwargs) == 2.0
-    assert reward_for(grade("arith", "#### 27", "28"), **kwargs) == -1.0
-    assert reward_for(grade("arith", "no answer", "28"), **kwargs) == -5.0
-    assert reward_for(grade("arith", "#### x", "28"), **kwargs) == -5.0
+  assert reward_for(grade("arith", "#### 28", "28")) == 1.0
+  assert reward_for(grade("arith", "#### 27", "28")) == 0.0
+  assert reward_for(grade("arith", "28", "28")) == 0.0
+  kwargs = dict(correct=2.0, incorrect=-1.0, unparseable=-5.0)
+  assert reward_for(grade("arith", "#### 28", "28"), **kwargs) == 2.0
+  assert reward_for(grade("arith", "#### 27", "28"), **kwargs) == -1.0
+  assert reward_for(grade("arith", "no answer", "28"), **kwargs) == -5.0
+  assert reward_for(grade("arith", "#### x", "28"), **kwargs) == -5.0
 
 
 def test_grade_batch():
-    grades = grade_batch("arith", ["#### 28", "#### 1", "?"], [SOLUTION, "2", "3"])
-    assert [g.correct for g in grades] == [True, False, False]
-    assert grades[2].predicted is None
-    with pytest.raises(ValueError):
-        grade_batch("arith", ["#### 1"], [])
+  grades = grade_batch("arith", ["#### 28", "#### 1", "?"], [SOLUTION, "2", "3"])
+  assert [g.correct for g in grades] == [True, False, False]
+  assert grades[2].predicted is None
+  with pytest.raises(ValueError):
+    grade_batch("arith", ["#### 1"], [])
 
 
 # Built lazily so that collection stays cheap and test ids stay short.
@@ -100,18 +100,18 @@ _HOSTILE = {
 
 @pytest.mark.parametrize("make_response", _HOSTILE.values(), ids=_HOSTILE.keys())
 def test_hostile_inputs_are_fast(make_response):
-    response = make_response()
-    start = time.perf_counter()
-    result = grade("arith", response, "1")
-    assert time.perf_counter() - start < 0.5
-    assert isinstance(result, Grade)
-    assert result.predicted is None or len(result.predicted) <= 64
+  response = make_response()
+  start = time.perf_counter()
+  result = grade("arith", response, "1")
+  assert time.perf_counter() - start < 0.5
+  assert isinstance(result, Grade)
+  assert result.predicted is None or len(result.predicted) <= 64
 
 
 def test_importing_rewards_does_not_import_jax():
-    code = (
-        "import sys, dqo_jax.rewards; "
-        "heavy = {'jax', 'flax', 'optax', 'tensorflow'} & set(sys.modules); "
-        "assert not heavy, heavy"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+  code = (
+      "import sys, dqo_jax.rewards; "
+      "heavy = {'jax', 'flax', 'optax', 'tensorflow'} & set(sys.modules); "
+      "assert not heavy, heavy"
+  )
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

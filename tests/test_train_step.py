@@ -144,3 +144,24 @@ def test_dqo_step_gradients_equal_autodiff_of_the_losses():
 
 def optax_norm(tree):
   return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
+
+
+def test_dqo_step_logs_the_soft_advantage():
+  """Without traces the logged advantage is G_t - V(s_t); at lambda = 1, G_t is the Monte-Carlo
+  soft return, checked here against numpy."""
+  init_fn, _, policy, value = _dqo_setup()
+  cfg = ml_collections.ConfigDict(dict(DQO, importance_traces=False, lam=1.0))
+  state = nn.meta.unbox(init_fn(jax.random.key(0)))
+  batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(3)))
+  tx = make_optimizer(OPT, 10)
+  _, metrics = make_dqo_step(policy, value, tx, tx, cfg)(state, batch)
+  lp = np.asarray(response_logprobs(policy, state.policy.params, batch), np.float64)
+  v = np.asarray(response_values(value, state.value.params, batch), np.float64)
+  adv = []
+  for i, n in enumerate(np.asarray(batch["response_len"])):
+    soft = -cfg.beta * (lp[i, :n] - np.asarray(batch["ref_logprobs"])[i, :n])
+    soft[n - 1] += float(batch["reward"][i])
+    g = np.cumsum(soft[::-1])[::-1]
+    adv.extend(g - v[i, :n])
+  np.testing.assert_allclose(float(metrics["advantage_mean"]), np.mean(adv), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(metrics["advantage_std"]), np.std(adv), rtol=1e-3, atol=1e-6)

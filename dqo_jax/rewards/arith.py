@@ -28,50 +28,50 @@ _NUMBER_RE = re.compile(r"[ \t]*([+-]?)[ \t]*([0-9][0-9,]*)(?:\.([0-9]+))?")
 
 
 def _parse_number(text: str, start: int = 0) -> tuple[Fraction, str] | None:
-    """Reads the number at text[start:] as (exact value, canonical string)."""
-    window = text[start : start + _MAX_NUMBER_CHARS + 1]
-    match = _NUMBER_RE.match(window)
-    # A match reaching past the cap means the number may continue: reject it
-    # rather than silently grade a truncated number.
-    if match is None or match.end() > _MAX_NUMBER_CHARS:
-        return None
-    sign, integer, fraction = match.groups()
-    # Commas are thousands separators ("1,080"); exact fractions make
-    # "28.0" == "28" without float rounding.
-    digits = integer.replace(",", "")
-    fraction = (fraction or "").rstrip("0")
-    value = Fraction(f"{sign}{digits}.{fraction or '0'}")
-    if value.denominator == 1:
-        return value, str(value.numerator)
-    return value, f"{'-' if value < 0 else ''}{int(digits)}.{fraction}"
+  """Reads the number at text[start:] as (exact value, canonical string)."""
+  window = text[start : start + _MAX_NUMBER_CHARS + 1]
+  match = _NUMBER_RE.match(window)
+  # A match reaching past the cap means the number may continue: reject it
+  # rather than silently grade a truncated number.
+  if match is None or match.end() > _MAX_NUMBER_CHARS:
+    return None
+  sign, integer, fraction = match.groups()
+  # Commas are thousands separators ("1,080"); exact fractions make
+  # "28.0" == "28" without float rounding.
+  digits = integer.replace(",", "")
+  fraction = (fraction or "").rstrip("0")
+  value = Fraction(f"{sign}{digits}.{fraction or '0'}")
+  if value.denominator == 1:
+    return value, str(value.numerator)
+  return value, f"{'-' if value < 0 else ''}{int(digits)}.{fraction}"
 
 
 def extract_answer(response: str) -> tuple[Fraction, str] | None:
-    """The number after the last "####" in `response`, or None if there is none."""
-    head = response[:MAX_RESPONSE_CHARS]
-    position = head.rfind(MARKER)
-    if position < 0:
-        return None
-    return _parse_number(head, position + len(MARKER))
+  """The number after the last "####" in `response`, or None if there is none."""
+  head = response[:MAX_RESPONSE_CHARS]
+  position = head.rfind(MARKER)
+  if position < 0:
+    return None
+  return _parse_number(head, position + len(MARKER))
 
 
 def parse_reference(reference: str) -> Fraction:
-    """The reference answer: a full solution ending in "#### N", or a bare "N"."""
-    parsed = extract_answer(reference) if MARKER in reference else _parse_number(reference.strip())
-    if parsed is None:
-        raise ValueError(f"reference has no parseable answer: {reference[:200]!r}")
-    return parsed[0]
+  """The reference answer: a full solution ending in "#### N", or a bare "N"."""
+  parsed = extract_answer(reference) if MARKER in reference else _parse_number(reference.strip())
+  if parsed is None:
+    raise ValueError(f"reference has no parseable answer: {reference[:200]!r}")
+  return parsed[0]
 
 
 def check(response: str, reference: str) -> tuple[bool, str | None, str]:
-    """Grades `response` against `reference` as (correct, predicted, reason)."""
-    expected = parse_reference(reference)
-    if MARKER not in response[:MAX_RESPONSE_CHARS]:
-        return False, None, f"no '{MARKER}' answer line"
-    parsed = extract_answer(response)
-    if parsed is None:
-        return False, None, f"no number after the last '{MARKER}'"
-    value, predicted = parsed
-    if value == expected:
-        return True, predicted, "correct"
-    return False, predicted, f"wrong answer: expected {expected}"
+  """Grades `response` against `reference` as (correct, predicted, reason)."""
+  expected = parse_reference(reference)
+  if MARKER not in response[:MAX_RESPONSE_CHARS]:
+    return False, None, f"no '{MARKER}' answer line"
+  parsed = extract_answer(response)
+  if parsed is None:
+    return False, None, f"no number after the last '{MARKER}'"
+  value, predicted = parsed
+  if value == expected:
+    return True, predicted, "correct"
+  return False, predicted, f"wrong answer: expected {expected}"

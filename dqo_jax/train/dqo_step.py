@@ -60,7 +60,7 @@ def make_dqo_step(policy_model: Transformer, value_model: Transformer,
     (value_grads,) = value_vjp(d_values)
 
     log_ratio = logp - ref
-    advantage = losses.q_targets(values, rewards, returns, mask, lam=lam) - beta * log_ratio
+    advantage = losses.q_targets(rewards, values, returns, mask, lam=lam) - beta * log_ratio
     adv_mean = _masked_mean(advantage, mask)
     metrics = dict(
         q_loss=q_loss, value_loss=v_loss,
