@@ -10,9 +10,16 @@ import ml_collections
 
 
 def optimizer(lr, warmup_steps, *, weight_decay=0.0):
-  return ml_collections.ConfigDict(dict(
-      lr=lr, warmup_steps=warmup_steps, end_lr_fraction=0.1, weight_decay=weight_decay,
-      grad_clip=1.0, b2=0.98))
+  return ml_collections.ConfigDict(
+      dict(
+          lr=lr,
+          warmup_steps=warmup_steps,
+          end_lr_fraction=0.1,
+          weight_decay=weight_decay,
+          grad_clip=1.0,
+          b2=0.98,
+      )
+  )
 
 
 def get_config(arg: str = ""):
@@ -23,19 +30,41 @@ def get_config(arg: str = ""):
   c.data = dict(
       task="arith",
       dir="",  # "" = <workdir>/data; the TFDS dataset and the tokenizer are cached there
-      num_train=8000, num_test=1000, seed=1234,
-      min_steps=2, max_steps=5, max_operand=20, max_result=99,
-      max_prompt_len=64, max_response_len=64)
+      num_train=8000,
+      num_test=1000,
+      seed=1234,
+      min_steps=2,
+      max_steps=5,
+      max_operand=20,
+      max_result=99,
+      max_prompt_len=64,
+      max_response_len=64,
+  )
   c.tokenizer = dict(vocab_size=256)
 
-  c.model = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
-                 rope_theta=10_000.0, tie_embeddings=True, dtype="float32")
+  c.model = dict(
+      d_model=128,
+      n_layers=4,
+      n_heads=4,
+      n_kv_heads=2,
+      head_dim=32,
+      d_ff=384,
+      rope_theta=10_000.0,
+      tie_embeddings=True,
+      dtype="float32",
+  )
 
   # Mesh sizes over all devices (-1 = the rest) and logical-axis -> mesh-axis rules.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.mesh.rules = (
-      ("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
-      ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None))
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+  )
 
   c.checkpoint = dict(every=200, keep=2)
   c.log_every = 25
@@ -48,16 +77,20 @@ def get_config(arg: str = ""):
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
 
   c.dqo = dict(
-      steps=600, batch_size=32,
-      beta=0.1, lam=1.0,
-      importance_traces=False, rho_max=1.0, c_max=1.0,
+      steps=600,
+      batch_size=32,
+      beta=0.1,
+      lam=1.0,
+      importance_traces=False,
+      rho_max=1.0,
+      c_max=1.0,
       loss_norm="token",  # "token": mean over valid tokens; "sequence": mean of per-sequence means
       policy_optimizer=optimizer(1e-4, 20),
-      value_optimizer=optimizer(1e-3, 20))
+      value_optimizer=optimizer(1e-3, 20),
+  )
 
   # every: greedy accuracy on the first monitor_examples test problems while training (0 = off)
-  c.eval = dict(num_examples=-1, batch_size=250, max_new_tokens=64, every=200,
-                monitor_examples=250)
+  c.eval = dict(num_examples=-1, batch_size=250, max_new_tokens=64, every=200, monitor_examples=250)
 
   if arg == "tiny":  # the reduced end-to-end run of the test suite
     c.data.update(num_train=256, num_test=64)

@@ -18,8 +18,10 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                             create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=every, create=True
+        ),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

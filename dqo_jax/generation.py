@@ -14,9 +14,21 @@ from dqo_jax.sampler import FINISH_LENGTH, Samples, generate
 from dqo_jax.tokenizer import Tokenizer
 
 
-def generate_all(model: Transformer, params, prompt: np.ndarray, prompt_mask: np.ndarray, rng, *,
-                 tok: Tokenizer, mesh, batch_size: int, max_new_tokens: int,
-                 temperature: float = 1.0, greedy: bool = False, desc: str = "generate") -> Samples:
+def generate_all(
+    model: Transformer,
+    params,
+    prompt: np.ndarray,
+    prompt_mask: np.ndarray,
+    rng,
+    *,
+    tok: Tokenizer,
+    mesh,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    desc: str = "generate",
+) -> Samples:
   """Runs `generate` over all rows in fixed-size batches (the last one padded) -> numpy Samples."""
   n = prompt.shape[0]
   batch_sh = sharding.batch_sharding(mesh)
@@ -24,10 +36,19 @@ def generate_all(model: Transformer, params, prompt: np.ndarray, prompt_mask: np
   for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
     idx = np.arange(start, start + batch_size) % n  # wrap: one static shape for every batch
     rng, key = jax.random.split(rng)
-    s = generate(model, params, jax.device_put(prompt[idx], batch_sh),
-                 jax.device_put(prompt_mask[idx], batch_sh), key, max_new_tokens=max_new_tokens,
-                 eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=temperature, greedy=greedy)
-    outs.append(jax.tree.map(lambda x: np.asarray(x)[:min(batch_size, n - start)], s))
+    s = generate(
+        model,
+        params,
+        jax.device_put(prompt[idx], batch_sh),
+        jax.device_put(prompt_mask[idx], batch_sh),
+        key,
+        max_new_tokens=max_new_tokens,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        temperature=temperature,
+        greedy=greedy,
+    )
+    outs.append(jax.tree.map(lambda x: np.asarray(x)[: min(batch_size, n - start)], s))
   return Samples(*(np.concatenate(parts) for parts in zip(*outs)))
 
 
@@ -35,16 +56,26 @@ def response_texts(tok: Tokenizer, samples: Samples) -> list[str]:
   return [tok.decode(t[:l]) for t, l in zip(samples.tokens, samples.lengths)]
 
 
-def grade_samples(task: str, tok: Tokenizer, samples: Samples, references: list[str],
-                  reward_cfg) -> tuple[list[str], list[rewards.Grade], np.ndarray]:
+def grade_samples(
+    task: str, tok: Tokenizer, samples: Samples, references: list[str], reward_cfg
+) -> tuple[list[str], list[rewards.Grade], np.ndarray]:
   """Texts, grades and rewards; a response cut at the length limit gets the unparseable reward."""
   texts = response_texts(tok, samples)
   grades = rewards.grade_batch(task, texts, references)
-  r = np.array([
-      reward_cfg.unparseable if finish == FINISH_LENGTH else
-      rewards.reward_for(g, correct=reward_cfg.correct, incorrect=reward_cfg.incorrect,
-                         unparseable=reward_cfg.unparseable)
-      for g, finish in zip(grades, samples.finish)], np.float32)
+  r = np.array(
+      [
+          reward_cfg.unparseable
+          if finish == FINISH_LENGTH
+          else rewards.reward_for(
+              g,
+              correct=reward_cfg.correct,
+              incorrect=reward_cfg.incorrect,
+              unparseable=reward_cfg.unparseable,
+          )
+          for g, finish in zip(grades, samples.finish)
+      ],
+      np.float32,
+  )
   return texts, grades, r
 
 
@@ -53,6 +84,8 @@ def accuracy_by_steps(correct: np.ndarray, num_steps: np.ndarray) -> dict:
   groups = defaultdict(list)
   for c, s in zip(correct, num_steps):
     groups[int(s)].append(bool(c))
-  return dict(accuracy=float(np.mean(correct)) if len(correct) else 0.0,
-              by_steps={str(s): float(np.mean(v)) for s, v in sorted(groups.items())},
-              n=int(len(correct)))
+  return dict(
+      accuracy=float(np.mean(correct)) if len(correct) else 0.0,
+      by_steps={str(s): float(np.mean(v)) for s, v in sorted(groups.items())},
+      n=int(len(correct)),
+  )

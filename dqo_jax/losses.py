@@ -55,8 +55,7 @@ def _shift_left(x: Array) -> Array:
 
 def _check_normalize(normalize: str) -> None:
   if normalize not in _NORMALIZATIONS:
-    raise ValueError(
-        f"normalize must be one of {_NORMALIZATIONS}, got {normalize!r}.")
+    raise ValueError(f"normalize must be one of {_NORMALIZATIONS}, got {normalize!r}.")
 
 
 def masked_mean(x: Array, mask: Array, *, normalize: str = "token") -> Array:
@@ -153,13 +152,11 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
   # Upcast first: logsumexp over a large vocabulary in bf16 loses the answer.
   logits = logits.astype(_compute_dtype(logits))
   # log pi(a) = z_a - logsumexp(z)
-  target_logits = jnp.take_along_axis(
-      logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
-def sequence_nll(logprobs: Array, mask: Array, *,
-                 normalize: str = "token") -> Array:
+def sequence_nll(logprobs: Array, mask: Array, *, normalize: str = "token") -> Array:
   """SFT negative log-likelihood over valid tokens.
 
   Args:
@@ -241,8 +238,7 @@ def soft_lambda_returns(
     [B, T] G_t, 0 where mask is 0.
   """
   if c_max > rho_max:
-    raise ValueError(
-        f"c_max ({c_max}) must not exceed rho_max ({rho_max}) (V-trace).")
+    raise ValueError(f"c_max ({c_max}) must not exceed rho_max ({rho_max}) (V-trace).")
   arrays = [rewards, values, policy_logprobs, ref_logprobs, mask]
   if behaviour_logprobs is not None:
     arrays.append(behaviour_logprobs)
@@ -402,16 +398,15 @@ def dqo_q_loss(
   Returns:
     scalar loss.
   """
-  chex.assert_rank([policy_logprobs, ref_logprobs, values, rewards, returns,
-                    mask], 2)
-  chex.assert_equal_shape([policy_logprobs, ref_logprobs, values, rewards,
-                           returns, mask])
+  chex.assert_rank([policy_logprobs, ref_logprobs, values, rewards, returns, mask], 2)
+  chex.assert_equal_shape([policy_logprobs, ref_logprobs, values, rewards, returns, mask])
   valid = _valid(mask)
   y = q_targets(rewards, values, returns, valid, lam=lam)
   dtype = _compute_dtype(policy_logprobs, ref_logprobs, y)
   # l_t is deliberately not stopped: it is what the loss trains.
-  l = (_masked(policy_logprobs, valid, dtype)
-       - _masked(jax.lax.stop_gradient(ref_logprobs), valid, dtype))
+  l = _masked(policy_logprobs, valid, dtype) - _masked(
+      jax.lax.stop_gradient(ref_logprobs), valid, dtype
+  )
   beta = jnp.asarray(jax.lax.stop_gradient(beta), dtype)
   # (beta l_t - y_t)^2
   return masked_mean(jnp.square(beta * l - y), valid, normalize=normalize)

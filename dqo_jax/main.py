@@ -29,8 +29,9 @@ def check_workdir(workdir: str) -> str:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise UserError(f"--workdir={workdir} is not writable ({e.strerror}); pass a directory you "
-                    "can write to")
+    raise UserError(
+        f"--workdir={workdir} is not writable ({e.strerror}); pass a directory you " "can write to"
+    )
   return workdir
 
 
@@ -40,21 +41,25 @@ class UserError(Exception):
 
 def check_config(config) -> list[str]:
   from dqo_jax.stages.context import STAGES
+
   stages = [s.strip() for s in config.stages.split(",") if s.strip()]
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise UserError(f"config.stages names unknown stage(s) {unknown}; choose from {list(STAGES)}")
   d = config.dqo
   if d.importance_traces and d.c_max > d.rho_max:
-    raise UserError(f"config.dqo.c_max={d.c_max} exceeds rho_max={d.rho_max}; V-trace needs "
-                    "c_max <= rho_max")
+    raise UserError(
+        f"config.dqo.c_max={d.c_max} exceeds rho_max={d.rho_max}; V-trace needs " "c_max <= rho_max"
+    )
   if d.loss_norm not in ("token", "sequence"):
     raise UserError(f"config.dqo.loss_norm={d.loss_norm!r}; use 'token' or 'sequence'")
   if not 0.0 <= d.lam <= 1.0:
     raise UserError(f"config.dqo.lam={d.lam} must lie in [0, 1]")
   if config.eval.every % config.log_every:
-    raise UserError(f"config.eval.every={config.eval.every} must be a multiple of "
-                    f"config.log_every={config.log_every}")
+    raise UserError(
+        f"config.eval.every={config.eval.every} must be a multiple of "
+        f"config.log_every={config.log_every}"
+    )
   return stages
 
 
@@ -62,15 +67,18 @@ def run_pipeline(config, workdir: str) -> dict:
   from dqo_jax.metrics import write_json_atomic
   from dqo_jax.stages import dqo, evaluate, sample, sft
   from dqo_jax.stages.context import build_context
+
   runners = {"sft": sft.run, "sample": sample.run, "dqo": dqo.run, "eval": evaluate.run}
 
   stages = check_config(config)
   workdir = check_workdir(workdir)
   write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   ctx = build_context(config, workdir)
-  print(f"[setup] {len(ctx.train)} train / {len(ctx.test)} test problems, "
-        f"vocabulary {ctx.tokenizer.vocab_size}, devices {ctx.mesh.devices.size} "
-        f"(mesh {dict(ctx.mesh.shape)}), workdir {workdir}")
+  print(
+      f"[setup] {len(ctx.train)} train / {len(ctx.test)} test problems, "
+      f"vocabulary {ctx.tokenizer.vocab_size}, devices {ctx.mesh.devices.size} "
+      f"(mesh {dict(ctx.mesh.shape)}), workdir {workdir}"
+  )
   timings = {}
   for stage in stages:
     done_file = os.path.join(workdir, stage, "DONE.json")
@@ -97,6 +105,7 @@ def main(argv):
   # Orbax and TFDS log every file they touch at INFO; the progress bars say what matters.
   logging.set_verbosity(logging.WARNING)
   from dqo_jax.train.loop import Interrupted
+
   config = _CONFIG.value
   if config is None or not _WORKDIR.value:
     raise app.UsageError("both --config=FILE and --workdir=DIR are required")
@@ -131,8 +140,7 @@ def parse_flags(argv):
     _CONFIG.value.keys()  # a config file that failed to load raises on first use
     return argv
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    print(f"error: {_one_line(e)} (check --config and its --config.* overrides)",
-          file=sys.stderr)
+    print(f"error: {_one_line(e)} (check --config and its --config.* overrides)", file=sys.stderr)
     sys.exit(2)
 
 

@@ -44,6 +44,7 @@ def read_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
   """
   import struct
   from tensorboardX.proto import event_pb2
+
   out: dict[str, list[tuple[int, float]]] = {}
   for name in sorted(os.listdir(tb_dir)):
     if not name.startswith("events"):

@@ -43,7 +43,8 @@ class ModelConfig:
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
-          f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
+          f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
+      )
 
   @classmethod
   def from_config(cls, cfg, vocab_size: int) -> "ModelConfig":
@@ -94,7 +95,8 @@ class Attention(nn.Module):
     """
     c = self.cfg
     dense = lambda feats, names, name: nn.DenseGeneral(
-        feats, axis=-1, use_bias=False, dtype=c.compute_dtype, kernel_init=_init(names), name=name)
+        feats, axis=-1, use_bias=False, dtype=c.compute_dtype, kernel_init=_init(names), name=name
+    )
     q = dense((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), "q")(x)
     k = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k")(x)
     v = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v")(x)
@@ -121,8 +123,14 @@ class Attention(nn.Module):
     else:
       out = jnp.einsum("bkgls,bksd->blkgd", probs, v)
     out = out.reshape(b, l, c.n_heads, c.head_dim)
-    out = nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=c.compute_dtype,
-                          kernel_init=_init(("heads", "head_dim", "embed")), name="o")(out)
+    out = nn.DenseGeneral(
+        c.d_model,
+        axis=(-2, -1),
+        use_bias=False,
+        dtype=c.compute_dtype,
+        kernel_init=_init(("heads", "head_dim", "embed")),
+        name="o",
+    )(out)
     return out, (k, v)
 
 
@@ -133,8 +141,11 @@ class SwiGLU(nn.Module):
   def __call__(self, x):
     c = self.cfg
     dense = lambda feats, names, name: nn.Dense(
-        feats, use_bias=False, dtype=c.compute_dtype, kernel_init=_init(names), name=name)
-    h = nn.silu(dense(c.d_ff, ("embed", "mlp"), "gate")(x)) * dense(c.d_ff, ("embed", "mlp"), "up")(x)
+        feats, use_bias=False, dtype=c.compute_dtype, kernel_init=_init(names), name=name
+    )
+    h = nn.silu(dense(c.d_ff, ("embed", "mlp"), "gate")(x)) * dense(c.d_ff, ("embed", "mlp"), "up")(
+        x
+    )
     return dense(c.d_model, ("mlp", "embed"), "down")(h)
 
 
@@ -144,7 +155,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, kv, cache_index):
     h, kv = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg.norm_eps, name="attn_norm")(x), positions, mask, kv, cache_index)
+        RMSNorm(self.cfg.norm_eps, name="attn_norm")(x), positions, mask, kv, cache_index
+    )
     x = x + h
     x = x + SwiGLU(self.cfg, name="mlp")(RMSNorm(self.cfg.norm_eps, name="mlp_norm")(x))
     return x, kv
@@ -156,6 +168,7 @@ class Transformer(nn.Module):
   The two share parameter names below the head, so a value model can start from a policy's
   trunk (`value_params_from_policy`).
   """
+
   cfg: ModelConfig
   head: str = "lm"
 
@@ -177,7 +190,8 @@ class Transformer(nn.Module):
       mask = causal[None] & attention_mask.astype(bool)[:, None, :]
     else:
       key_mask = jax.lax.dynamic_update_slice_in_dim(
-          cache["key_mask"], attention_mask.astype(bool), cache_index, axis=1)
+          cache["key_mask"], attention_mask.astype(bool), cache_index, axis=1
+      )
       positions = cache["next_position"][:, None] + jnp.cumsum(attention_mask, axis=-1) - 1
       positions = jnp.maximum(positions, 0)
       slots = jnp.arange(key_mask.shape[1])
@@ -203,8 +217,12 @@ class Transformer(nn.Module):
       out = jnp.einsum("bld,dv->blv", x, w.astype(x.dtype)).astype(jnp.float32)
     if cache is None:
       return out, None
-    new_cache = dict(k=tuple(new_k), v=tuple(new_v), key_mask=key_mask,
-                     next_position=cache["next_position"] + attention_mask.sum(-1))
+    new_cache = dict(
+        k=tuple(new_k),
+        v=tuple(new_v),
+        key_mask=key_mask,
+        next_position=cache["next_position"] + attention_mask.sum(-1),
+    )
     return out, new_cache
 
 
@@ -212,9 +230,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
   zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-  return dict(k=zeros(), v=zeros(),
-              key_mask=jnp.zeros((batch, length), bool),
-              next_position=jnp.zeros((batch,), jnp.int32))
+  return dict(
+      k=zeros(),
+      v=zeros(),
+      key_mask=jnp.zeros((batch, length), bool),
+      next_position=jnp.zeros((batch,), jnp.int32),
+  )
 
 
 def value_params_from_policy(policy_params: Any, value_init_params: Any) -> Any:

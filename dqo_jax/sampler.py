@@ -25,9 +25,22 @@ class Samples(NamedTuple):
   finish: jax.Array  # [B] int32, FINISH_EOS or FINISH_LENGTH
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id", "greedy"))
-def generate(model: Transformer, params, prompt, prompt_mask, rng, *, max_new_tokens: int,
-             eos_id: int, pad_id: int, temperature: float = 1.0, greedy: bool = False) -> Samples:
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id", "greedy")
+)
+def generate(
+    model: Transformer,
+    params,
+    prompt,
+    prompt_mask,
+    rng,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+) -> Samples:
   """Samples up to `max_new_tokens` per prompt; stops early once every row has emitted EOS."""
   b, p = prompt.shape
   cache = init_cache(model.cfg, b, p + max_new_tokens)
@@ -52,12 +65,24 @@ def generate(model: Transformer, params, prompt, prompt_mask, rng, *, max_new_to
     toks = toks.at[:, i].set(tok)
     lps = lps.at[:, i].set(lp)
     new_done = done | (tok == eos_id)
-    logits, cache = model.apply({"params": params}, tok[:, None], (~done)[:, None].astype(jnp.int32),
-                                cache=cache, cache_index=p + i)
+    logits, cache = model.apply(
+        {"params": params},
+        tok[:, None],
+        (~done)[:, None].astype(jnp.int32),
+        cache=cache,
+        cache_index=p + i,
+    )
     return i + 1, cache, logits[:, 0], toks, lps, new_done, rng
 
-  state = (jnp.int32(0), cache, last, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-           jnp.zeros((b, max_new_tokens), jnp.float32), jnp.zeros((b,), bool), rng)
+  state = (
+      jnp.int32(0),
+      cache,
+      last,
+      jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+      jnp.zeros((b, max_new_tokens), jnp.float32),
+      jnp.zeros((b,), bool),
+      rng,
+  )
   _, _, _, toks, lps, done, _ = jax.lax.while_loop(cond, body, state)
   is_eos = toks == eos_id
   first_eos = jnp.argmax(is_eos, axis=-1)

@@ -29,15 +29,19 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
       raise ValueError(f"config.mesh: {len(devices)} devices do not divide by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                     f"devices, found {len(devices)}; set one axis to -1")
+    raise ValueError(
+        f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+        f"devices, found {len(devices)}; set one axis to -1"
+    )
   # Auto axes: shardings are propagated by XLA, and scanning the (unsharded) token axis is fine.
   return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_rules(mesh_cfg) -> tuple[tuple[str, tuple[str, ...] | str | None], ...]:
-  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-               for name, axes in mesh_cfg.rules)
+  return tuple(
+      (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+      for name, axes in mesh_cfg.rules
+  )
 
 
 def state_shardings(abstract_boxed_state, mesh: Mesh, rules):

@@ -21,8 +21,9 @@ from dqo_jax import losses
 INF = float("inf")
 TOL = 1e-9
 
-_settings = settings(max_examples=50, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+_settings = settings(
+    max_examples=50, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,10 +59,20 @@ def ref_returns_row(r, v, pl, rl, bl, length, beta, lam, rho_max, c_max):
 def ref_returns(r, v, pl, rl, bl, lengths, beta, lam, rho_max, c_max):
   rows = []
   for b, length in enumerate(lengths):
-    rows.append(ref_returns_row(
-        r[b].tolist(), v[b].tolist(), pl[b].tolist(), rl[b].tolist(),
-        None if bl is None else bl[b].tolist(), int(length), float(beta),
-        float(lam), rho_max, c_max))
+    rows.append(
+        ref_returns_row(
+            r[b].tolist(),
+            v[b].tolist(),
+            pl[b].tolist(),
+            rl[b].tolist(),
+            None if bl is None else bl[b].tolist(),
+            int(length),
+            float(beta),
+            float(lam),
+            rho_max,
+            c_max,
+        )
+    )
   return rows
 
 
@@ -81,8 +92,9 @@ def ref_mean(per_token_rows, lengths, normalize):
 
 
 def ref_value_loss(v, g, lengths, normalize):
-  rows = [[(vt - gt) ** 2 for vt, gt in zip(v[b].tolist(), g[b].tolist())]
-          for b in range(len(lengths))]
+  rows = [
+      [(vt - gt) ** 2 for vt, gt in zip(v[b].tolist(), g[b].tolist())] for b in range(len(lengths))
+  ]
   return ref_mean(rows, lengths, normalize)
 
 
@@ -98,10 +110,8 @@ def ref_q_targets_row(r, v, g, length, lam):
 def ref_q_loss(pl, rl, v, r, g, lengths, beta, lam, normalize):
   rows = []
   for b, length in enumerate(lengths):
-    y = ref_q_targets_row(r[b].tolist(), v[b].tolist(), g[b].tolist(),
-                          int(length), float(lam))
-    rows.append([(beta * (p - q) - yt) ** 2
-                 for p, q, yt in zip(pl[b].tolist(), rl[b].tolist(), y)])
+    y = ref_q_targets_row(r[b].tolist(), v[b].tolist(), g[b].tolist(), int(length), float(lam))
+    rows.append([(beta * (p - q) - yt) ** 2 for p, q, yt in zip(pl[b].tolist(), rl[b].tolist(), y)])
   return ref_mean(rows, lengths, normalize)
 
 
@@ -111,17 +121,15 @@ def ref_q_loss(pl, rl, v, r, g, lengths, beta, lam, normalize):
 
 
 @functools.partial(jax.jit, static_argnames=("rho_max", "c_max"))
-def returns_jit(r, v, pl, rl, mask, beta, lam, bl=None, rho_max=1.0,
-                c_max=1.0):
-  return losses.soft_lambda_returns(r, v, pl, rl, mask, beta=beta, lam=lam,
-                                    behaviour_logprobs=bl, rho_max=rho_max,
-                                    c_max=c_max)
+def returns_jit(r, v, pl, rl, mask, beta, lam, bl=None, rho_max=1.0, c_max=1.0):
+  return losses.soft_lambda_returns(
+      r, v, pl, rl, mask, beta=beta, lam=lam, behaviour_logprobs=bl, rho_max=rho_max, c_max=c_max
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("normalize",))
 def q_loss_jit(pl, rl, v, r, g, mask, beta, lam, normalize="token"):
-  return losses.dqo_q_loss(pl, rl, v, r, g, mask, beta=beta, lam=lam,
-                           normalize=normalize)
+  return losses.dqo_q_loss(pl, rl, v, r, g, mask, beta=beta, lam=lam, normalize=normalize)
 
 
 @functools.partial(jax.jit, static_argnames=("normalize",))
@@ -132,8 +140,7 @@ def value_loss_jit(v, g, mask, normalize="token"):
 # ----------------------------------------------------------------------------
 # Data.
 
-TRACE_CONFIGS = [(1.0, 1.0), (2.0, 1.0), (0.5, 0.5), (1.5, 0.8), (INF, 1.0),
-                 (INF, INF)]
+TRACE_CONFIGS = [(1.0, 1.0), (2.0, 1.0), (0.5, 0.5), (1.5, 0.8), (INF, 1.0), (INF, INF)]
 
 
 @st.composite
@@ -145,17 +152,26 @@ def batches(draw):
   B = len(lengths)
 
   def arr(lo, hi):
-    return draw(hnp.arrays(np.float64, (B, T),
-                           elements=st.floats(lo, hi, allow_nan=False,
-                                              allow_infinity=False)))
+    return draw(
+        hnp.arrays(
+            np.float64, (B, T), elements=st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+        )
+    )
 
   return dict(
-      lengths=np.asarray(lengths), T=T,
-      r=arr(-3, 3), v=arr(-3, 3), g=arr(-5, 5),
-      pl=arr(-5, 0), rl=arr(-5, 0), bl=arr(-5, 0),
-      beta=draw(st.floats(0.01, 2.0)), lam=draw(st.floats(0.0, 1.0)),
+      lengths=np.asarray(lengths),
+      T=T,
+      r=arr(-3, 3),
+      v=arr(-3, 3),
+      g=arr(-5, 5),
+      pl=arr(-5, 0),
+      rl=arr(-5, 0),
+      bl=arr(-5, 0),
+      beta=draw(st.floats(0.01, 2.0)),
+      lam=draw(st.floats(0.0, 1.0)),
       traces=draw(st.sampled_from([None] + TRACE_CONFIGS)),
-      normalize=draw(st.sampled_from(["token", "sequence"])))
+      normalize=draw(st.sampled_from(["token", "sequence"])),
+  )
 
 
 def random_batch(seed, lengths, T):
@@ -163,27 +179,41 @@ def random_batch(seed, lengths, T):
   B = len(lengths)
   lengths = np.asarray(lengths)
   return dict(
-      lengths=lengths, mask=np.asarray(losses.mask_from_lengths(
-          jnp.asarray(lengths), T)),
-      r=rng.normal(size=(B, T)), v=rng.normal(size=(B, T)),
-      pl=-rng.uniform(0.1, 3, size=(B, T)), rl=-rng.uniform(0.1, 3, (B, T)),
-      bl=-rng.uniform(0.1, 3, size=(B, T)))
+      lengths=lengths,
+      mask=np.asarray(losses.mask_from_lengths(jnp.asarray(lengths), T)),
+      r=rng.normal(size=(B, T)),
+      v=rng.normal(size=(B, T)),
+      pl=-rng.uniform(0.1, 3, size=(B, T)),
+      rl=-rng.uniform(0.1, 3, (B, T)),
+      bl=-rng.uniform(0.1, 3, size=(B, T)),
+  )
 
 
 def np_next(x, lengths):
   """x[:, t + 1] inside each row, 0 at and past the last valid token."""
   out = np.zeros_like(x)
   for b, length in enumerate(lengths):
-    out[b, :max(length - 1, 0)] = x[b, 1:length]
+    out[b, : max(length - 1, 0)] = x[b, 1:length]
   return out
 
 
 def returns_of(d, beta, lam, traces):
   bl = None if traces is None else d["bl"]
   rho_max, c_max = traces or (1.0, 1.0)
-  return np.asarray(losses.soft_lambda_returns(
-      d["r"], d["v"], d["pl"], d["rl"], d["mask"], beta=beta, lam=lam,
-      behaviour_logprobs=bl, rho_max=rho_max, c_max=c_max))
+  return np.asarray(
+      losses.soft_lambda_returns(
+          d["r"],
+          d["v"],
+          d["pl"],
+          d["rl"],
+          d["mask"],
+          beta=beta,
+          lam=lam,
+          behaviour_logprobs=bl,
+          rho_max=rho_max,
+          c_max=c_max,
+      )
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -197,31 +227,36 @@ def test_scan_matches_python_loop(d):
   traces = d["traces"]
   rho_max, c_max = traces or (1.0, 1.0)
   bl = None if traces is None else d["bl"]
-  got = returns_jit(d["r"], d["v"], d["pl"], d["rl"], mask, d["beta"],
-                    d["lam"], bl, rho_max=rho_max, c_max=c_max)
-  want = ref_returns(d["r"], d["v"], d["pl"], d["rl"], bl, d["lengths"],
-                     d["beta"], d["lam"], rho_max, c_max)
+  got = returns_jit(
+      d["r"], d["v"], d["pl"], d["rl"], mask, d["beta"], d["lam"], bl, rho_max=rho_max, c_max=c_max
+  )
+  want = ref_returns(
+      d["r"], d["v"], d["pl"], d["rl"], bl, d["lengths"], d["beta"], d["lam"], rho_max, c_max
+  )
   assert got.dtype == jnp.float64
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=TOL,
-                             atol=TOL)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=TOL, atol=TOL)
 
 
 @_settings
 @given(batches())
 def test_q_loss_matches_reference(d):
   mask = losses.mask_from_lengths(jnp.asarray(d["lengths"]), d["T"])
-  got = q_loss_jit(d["pl"], d["rl"], d["v"], d["r"], d["g"], mask, d["beta"],
-                   d["lam"], normalize=d["normalize"])
-  want = ref_q_loss(d["pl"], d["rl"], d["v"], d["r"], d["g"], d["lengths"],
-                    d["beta"], d["lam"], d["normalize"])
+  got = q_loss_jit(
+      d["pl"], d["rl"], d["v"], d["r"], d["g"], mask, d["beta"], d["lam"], normalize=d["normalize"]
+  )
+  want = ref_q_loss(
+      d["pl"], d["rl"], d["v"], d["r"], d["g"], d["lengths"], d["beta"], d["lam"], d["normalize"]
+  )
   np.testing.assert_allclose(float(got), want, rtol=TOL, atol=TOL)
 
   y = losses.q_targets(d["r"], d["v"], d["g"], mask, lam=d["lam"])
-  want_y = [ref_q_targets_row(d["r"][b].tolist(), d["v"][b].tolist(),
-                              d["g"][b].tolist(), int(n), d["lam"])
-            for b, n in enumerate(d["lengths"])]
-  np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=TOL,
-                             atol=TOL)
+  want_y = [
+      ref_q_targets_row(
+          d["r"][b].tolist(), d["v"][b].tolist(), d["g"][b].tolist(), int(n), d["lam"]
+      )
+      for b, n in enumerate(d["lengths"])
+  ]
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want_y), rtol=TOL, atol=TOL)
 
 
 @_settings
@@ -254,14 +289,11 @@ def test_lambda_zero_is_one_step_td(traces):
   else:
     rho = np.minimum(traces[0], np.exp(d["pl"] - d["bl"]))
   # G_t = V(s_t) + rho_t delta_t
-  np.testing.assert_allclose(g, np.where(valid, v + rho * delta, 0.0),
-                             rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(g, np.where(valid, v + rho * delta, 0.0), rtol=1e-12, atol=1e-12)
   # y_t + V(s_t) = r_t + V(s_{t+1}), whatever the returns are.
   for returns in (g, np.full_like(g, 7.0)):
-    y = np.asarray(losses.q_targets(d["r"], d["v"], returns, d["mask"],
-                                    lam=0.0))
-    np.testing.assert_allclose(y + v, np.where(valid, d["r"] + v_next, 0.0),
-                               rtol=1e-12, atol=1e-12)
+    y = np.asarray(losses.q_targets(d["r"], d["v"], returns, d["mask"], lam=0.0))
+    np.testing.assert_allclose(y + v, np.where(valid, d["r"] + v_next, 0.0), rtol=1e-12, atol=1e-12)
 
 
 def test_lambda_one_is_monte_carlo_and_ignores_values():
@@ -276,12 +308,10 @@ def test_lambda_one_is_monte_carlo_and_ignores_values():
   np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-12)
 
   other = dict(d, v=np.random.default_rng(2).normal(size=d["v"].shape) * 10)
-  np.testing.assert_allclose(returns_of(other, beta, 1.0, None), g,
-                             rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(returns_of(other, beta, 1.0, None), g, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("traces", [(1.0, 1.0), (2.0, 1.0), (2.0, 2.0),
-                                    (INF, INF)])
+@pytest.mark.parametrize("traces", [(1.0, 1.0), (2.0, 1.0), (2.0, 2.0), (INF, INF)])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 0.9, 1.0])
 def test_unit_ratio_traces_equal_no_correction(traces, lam):
   d = random_batch(3, LENGTHS, T)
@@ -314,24 +344,31 @@ def test_path_consistency_zeroes_losses_and_gradients(lam, traces, normalize):
   rho_max, c_max = traces or (1.0, 1.0)
 
   def both(pl, v):
-    g = losses.soft_lambda_returns(d["r"], v, pl, d["rl"], d["mask"],
-                                   beta=beta, lam=lam, behaviour_logprobs=bl,
-                                   rho_max=rho_max, c_max=c_max)
-    l_q = losses.dqo_q_loss(pl, d["rl"], v, d["r"], g, d["mask"], beta=beta,
-                            lam=lam, normalize=normalize)
+    g = losses.soft_lambda_returns(
+        d["r"],
+        v,
+        pl,
+        d["rl"],
+        d["mask"],
+        beta=beta,
+        lam=lam,
+        behaviour_logprobs=bl,
+        rho_max=rho_max,
+        c_max=c_max,
+    )
+    l_q = losses.dqo_q_loss(
+        pl, d["rl"], v, d["r"], g, d["mask"], beta=beta, lam=lam, normalize=normalize
+    )
     l_v = losses.dqo_value_loss(v, g, d["mask"], normalize=normalize)
     return l_q, l_v, g
 
-  (l_q, l_v, g) = both(d["pl"], d["v"])
+  l_q, l_v, g = both(d["pl"], d["v"])
   # Round-off in delta_t, scaled by rho_t up to ~20 (rho_max = inf), leaves
   # residuals near 1e-12; a real inconsistency is O(1).
-  np.testing.assert_allclose(g, np.where(d["mask"] > 0, d["v"], 0.0),
-                             atol=1e-10)
+  np.testing.assert_allclose(g, np.where(d["mask"] > 0, d["v"], 0.0), atol=1e-10)
   assert abs(float(l_q)) < 1e-20 and abs(float(l_v)) < 1e-20
-  grad_q = jax.grad(lambda pl, v: both(pl, v)[0], argnums=(0, 1))(
-      d["pl"], d["v"])
-  grad_v = jax.grad(lambda pl, v: both(pl, v)[1], argnums=(0, 1))(
-      d["pl"], d["v"])
+  grad_q = jax.grad(lambda pl, v: both(pl, v)[0], argnums=(0, 1))(d["pl"], d["v"])
+  grad_v = jax.grad(lambda pl, v: both(pl, v)[1], argnums=(0, 1))(d["pl"], d["v"])
   for grad in grad_q + grad_v:
     np.testing.assert_allclose(grad, 0.0, atol=1e-10)
   # Off the consistent manifold the losses are clearly nonzero.
@@ -355,8 +392,7 @@ def token_weights(lengths, T, normalize):
   for b, n in enumerate(lengths):
     if n == 0:
       continue
-    w[b, :n] = (1.0 / sum(lengths) if normalize == "token"
-                else 1.0 / (n * n_seq))
+    w[b, :n] = 1.0 / sum(lengths) if normalize == "token" else 1.0 / (n * n_seq)
   return w
 
 
@@ -368,11 +404,21 @@ def test_gradient_identity_single_token(traces):
   beta, lam = 0.5, 0.8
   bl = None if traces is None else d["bl"]
   rho_max, c_max = traces or (1.0, 1.0)
-  g = losses.soft_lambda_returns(d["r"], d["v"], d["pl"], d["rl"], d["mask"],
-                                 beta=beta, lam=lam, behaviour_logprobs=bl,
-                                 rho_max=rho_max, c_max=c_max)
-  grad = jax.grad(lambda pl: losses.dqo_q_loss(
-      pl, d["rl"], d["v"], d["r"], g, d["mask"], beta=beta, lam=lam))(d["pl"])
+  g = losses.soft_lambda_returns(
+      d["r"],
+      d["v"],
+      d["pl"],
+      d["rl"],
+      d["mask"],
+      beta=beta,
+      lam=lam,
+      behaviour_logprobs=bl,
+      rho_max=rho_max,
+      c_max=c_max,
+  )
+  grad = jax.grad(
+      lambda pl: losses.dqo_q_loss(pl, d["rl"], d["v"], d["r"], g, d["mask"], beta=beta, lam=lam)
+  )(d["pl"])
   # Single terminal token: A = r - beta l - V(s_t).
   a = d["r"][1, 0] - beta * (d["pl"][1, 0] - d["rl"][1, 0]) - d["v"][1, 0]
   want = np.zeros_like(d["pl"])
@@ -391,27 +437,35 @@ def test_gradient_identity_aggregate(traces, normalize):
   def loss(pl):
     # Returns are computed inside the differentiated function, as a trainer
     # would: they must contribute no gradient.
-    g = losses.soft_lambda_returns(d["r"], d["v"], pl, d["rl"], d["mask"],
-                                   beta=beta, lam=lam, behaviour_logprobs=bl,
-                                   rho_max=rho_max, c_max=c_max)
-    return losses.dqo_q_loss(pl, d["rl"], d["v"], d["r"], g, d["mask"],
-                             beta=beta, lam=lam, normalize=normalize)
+    g = losses.soft_lambda_returns(
+        d["r"],
+        d["v"],
+        pl,
+        d["rl"],
+        d["mask"],
+        beta=beta,
+        lam=lam,
+        behaviour_logprobs=bl,
+        rho_max=rho_max,
+        c_max=c_max,
+    )
+    return losses.dqo_q_loss(
+        pl, d["rl"], d["v"], d["r"], g, d["mask"], beta=beta, lam=lam, normalize=normalize
+    )
 
   g = returns_of(d, beta, lam, traces)
   a = advantages_np(d, g, beta, lam)
   # A_t = y_t - beta sg(l_t), the quantity a trainer logs.
   y = np.asarray(losses.q_targets(d["r"], d["v"], g, d["mask"], lam=lam))
   np.testing.assert_allclose(
-      np.where(d["mask"] > 0, y - beta * (d["pl"] - d["rl"]), 0.0), a,
-      rtol=1e-12, atol=1e-12)
+      np.where(d["mask"] > 0, y - beta * (d["pl"] - d["rl"]), 0.0), a, rtol=1e-12, atol=1e-12
+  )
   if traces is None:
     # Without correction A_t is the soft lambda-advantage G_t - V(s_t).
-    np.testing.assert_allclose(a, np.where(d["mask"] > 0, g - d["v"], 0.0),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(a, np.where(d["mask"] > 0, g - d["v"], 0.0), rtol=1e-12, atol=1e-12)
 
   w = token_weights(LENGTHS, T, normalize)
-  np.testing.assert_allclose(jax.grad(loss)(d["pl"]), -2 * beta * a * w,
-                             rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(jax.grad(loss)(d["pl"]), -2 * beta * a * w, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------
@@ -422,26 +476,38 @@ def tiny_model(seed=7, B=3, T=5, D=4, V=6):
   rng = np.random.default_rng(seed)
   lengths = [2, 5, 0]
   return dict(
-      x=rng.normal(size=(B, T, D)), targets=rng.integers(0, V, size=(B, T)),
-      w_pi=rng.normal(size=(D, V)), w_ref=rng.normal(size=(D, V)),
-      w_v=rng.normal(size=(D,)), bl=-rng.uniform(0.5, 2.5, size=(B, T)),
-      r=rng.normal(size=(B, T)), lengths=lengths,
-      mask=losses.mask_from_lengths(jnp.asarray(lengths), T))
+      x=rng.normal(size=(B, T, D)),
+      targets=rng.integers(0, V, size=(B, T)),
+      w_pi=rng.normal(size=(D, V)),
+      w_ref=rng.normal(size=(D, V)),
+      w_v=rng.normal(size=(D,)),
+      bl=-rng.uniform(0.5, 2.5, size=(B, T)),
+      r=rng.normal(size=(B, T)),
+      lengths=lengths,
+      mask=losses.mask_from_lengths(jnp.asarray(lengths), T),
+  )
 
 
-def tiny_losses(m, w_pi, w_v, *, traces, normalize="token", beta=0.3,
-                lam=0.9):
+def tiny_losses(m, w_pi, w_v, *, traces, normalize="token", beta=0.3, lam=0.9):
   pl = losses.token_logprobs(m["x"] @ w_pi, m["targets"])
   rl = losses.token_logprobs(m["x"] @ m["w_ref"], m["targets"])
   v = m["x"] @ w_v
   bl = None if traces is None else m["bl"]
   rho_max, c_max = traces or (1.0, 1.0)
-  g = losses.soft_lambda_returns(m["r"], v, pl, rl, m["mask"], beta=beta,
-                                 lam=lam, behaviour_logprobs=bl,
-                                 rho_max=rho_max, c_max=c_max)
+  g = losses.soft_lambda_returns(
+      m["r"],
+      v,
+      pl,
+      rl,
+      m["mask"],
+      beta=beta,
+      lam=lam,
+      behaviour_logprobs=bl,
+      rho_max=rho_max,
+      c_max=c_max,
+  )
   l_v = losses.dqo_value_loss(v, g, m["mask"], normalize=normalize)
-  l_q = losses.dqo_q_loss(pl, rl, v, m["r"], g, m["mask"], beta=beta, lam=lam,
-                          normalize=normalize)
+  l_q = losses.dqo_q_loss(pl, rl, v, m["r"], g, m["mask"], beta=beta, lam=lam, normalize=normalize)
   return l_v, l_q
 
 
@@ -450,10 +516,8 @@ def tiny_losses(m, w_pi, w_v, *, traces, normalize="token", beta=0.3,
 def test_stop_gradients_separate_policy_and_value(traces, normalize):
   m = tiny_model()
   f = functools.partial(tiny_losses, m, traces=traces, normalize=normalize)
-  dv_dpi, dv_dv = jax.grad(lambda a, b: f(a, b)[0], argnums=(0, 1))(
-      m["w_pi"], m["w_v"])
-  dq_dpi, dq_dv = jax.grad(lambda a, b: f(a, b)[1], argnums=(0, 1))(
-      m["w_pi"], m["w_v"])
+  dv_dpi, dv_dv = jax.grad(lambda a, b: f(a, b)[0], argnums=(0, 1))(m["w_pi"], m["w_v"])
+  dq_dpi, dq_dv = jax.grad(lambda a, b: f(a, b)[1], argnums=(0, 1))(m["w_pi"], m["w_v"])
   # Exactly zero, not small: the returns and the Q target are pure targets.
   np.testing.assert_array_equal(dv_dpi, 0.0)
   np.testing.assert_array_equal(dq_dv, 0.0)
@@ -469,15 +533,15 @@ def test_q_gradient_is_advantage_weighted_grad_log_pi():
   pl = logp(m["w_pi"])
   rl = losses.token_logprobs(m["x"] @ m["w_ref"], m["targets"])
   v = m["x"] @ m["w_v"]
-  g = losses.soft_lambda_returns(m["r"], v, pl, rl, m["mask"], beta=beta,
-                                 lam=lam)
+  g = losses.soft_lambda_returns(m["r"], v, pl, rl, m["mask"], beta=beta, lam=lam)
   y = losses.q_targets(m["r"], v, g, m["mask"], lam=lam)
   a = np.where(np.asarray(m["mask"]) > 0, y - beta * (pl - rl), 0.0)
   w = token_weights(m["lengths"], m["x"].shape[1], "token")
   _, vjp = jax.vjp(logp, m["w_pi"])
   (want,) = vjp(jnp.asarray(-2 * beta * a * w))
-  got = jax.grad(lambda wp: tiny_losses(m, wp, m["w_v"], traces=None,
-                                        beta=beta, lam=lam)[1])(m["w_pi"])
+  got = jax.grad(lambda wp: tiny_losses(m, wp, m["w_v"], traces=None, beta=beta, lam=lam)[1])(
+      m["w_pi"]
+  )
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -496,8 +560,10 @@ def test_padding_never_leaks():
   beta, lam = 0.4, 0.6
 
   def everything(e):
-    out = {"next_values": losses.next_values(e["v"], e["mask"]),
-           "nll": losses.sequence_nll(e["pl"], e["mask"])}
+    out = {
+        "next_values": losses.next_values(e["v"], e["mask"]),
+        "nll": losses.sequence_nll(e["pl"], e["mask"]),
+    }
     for traces in (None, (2.0, 1.0)):
       g = returns_of(e, beta, lam, traces)
       key = str(traces)
@@ -505,8 +571,8 @@ def test_padding_never_leaks():
       out["y" + key] = losses.q_targets(e["r"], e["v"], g, e["mask"], lam=lam)
       for norm in ("token", "sequence"):
         q = lambda pl, v: losses.dqo_q_loss(
-            pl, e["rl"], v, e["r"], g, e["mask"], beta=beta, lam=lam,
-            normalize=norm)
+            pl, e["rl"], v, e["r"], g, e["mask"], beta=beta, lam=lam, normalize=norm
+        )
         vl = lambda v: losses.dqo_value_loss(v, g, e["mask"], normalize=norm)
         out["LQ" + key + norm] = q(e["pl"], e["v"])
         out["LV" + key + norm] = vl(e["v"])
@@ -517,19 +583,19 @@ def test_padding_never_leaks():
   clean, got = everything(d), everything(dirty)
   assert clean.keys() == got.keys()
   for k in clean:
-    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(clean[k]),
-                                  err_msg=k)
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(clean[k]), err_msg=k)
   for k in clean:
     if k.startswith(("G", "y", "dL", "next")):
       np.testing.assert_array_equal(np.asarray(got[k])[pad], 0.0, err_msg=k)
 
 
 def test_next_values_and_terminal_value():
-  v = np.array([[1., 2., 3., 4.], [5., 6., 7., 8.], [9., 10., 11., 12.]])
+  v = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
   mask = losses.mask_from_lengths(jnp.array([4, 2, 0]), 4)
   np.testing.assert_array_equal(
       losses.next_values(v, mask),
-      [[2., 3., 4., 0.], [6., 0., 0., 0.], [0., 0., 0., 0.]])
+      [[2.0, 3.0, 4.0, 0.0], [6.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -539,19 +605,19 @@ def test_next_values_and_terminal_value():
 def test_mask_and_outcome_rewards_from_lengths():
   lengths = jnp.array([0, 1, 3, 4])
   np.testing.assert_array_equal(
-      losses.mask_from_lengths(lengths, 4),
-      [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
-  r = losses.place_outcome_rewards(jnp.array([5., -1., 2., 3.]), lengths, 4)
-  np.testing.assert_array_equal(
-      r, [[0, 0, 0, 0], [-1, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 3]])
+      losses.mask_from_lengths(lengths, 4), [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+  )
+  r = losses.place_outcome_rewards(jnp.array([5.0, -1.0, 2.0, 3.0]), lengths, 4)
+  np.testing.assert_array_equal(r, [[0, 0, 0, 0], [-1, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 3]])
 
 
 def test_token_logprobs():
   rng = np.random.default_rng(10)
   logits = rng.normal(size=(2, 3, 7)) * 3
   targets = rng.integers(0, 7, size=(2, 3))
-  want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, axis=-1)),
-                            targets[..., None], axis=-1)[..., 0]
+  want = np.take_along_axis(
+      np.asarray(jax.nn.log_softmax(logits, axis=-1)), targets[..., None], axis=-1
+  )[..., 0]
   got = losses.token_logprobs(logits, targets)
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
@@ -563,17 +629,16 @@ def test_token_logprobs():
 
 
 def test_sequence_nll_and_normalizations():
-  logprobs = np.array([[-1., -3., -9.], [-2., -9., -9.], [-9., -9., -9.]])
+  logprobs = np.array([[-1.0, -3.0, -9.0], [-2.0, -9.0, -9.0], [-9.0, -9.0, -9.0]])
   mask = losses.mask_from_lengths(jnp.array([2, 1, 0]), 3)
   # token: (1 + 3 + 2) / 3; sequence: mean(2, 2) over the two nonempty rows.
   np.testing.assert_allclose(losses.sequence_nll(logprobs, mask), 2.0)
-  np.testing.assert_allclose(
-      losses.sequence_nll(logprobs, mask, normalize="sequence"), 2.0)
+  np.testing.assert_allclose(losses.sequence_nll(logprobs, mask, normalize="sequence"), 2.0)
   mask = losses.mask_from_lengths(jnp.array([1, 2, 0]), 3)
   np.testing.assert_allclose(losses.sequence_nll(logprobs, mask), 12 / 3)
   np.testing.assert_allclose(
-      losses.sequence_nll(logprobs, mask, normalize="sequence"),
-      (1 + 5.5) / 2)
+      losses.sequence_nll(logprobs, mask, normalize="sequence"), (1 + 5.5) / 2
+  )
 
 
 @pytest.mark.parametrize("normalize", ["token", "sequence"])
@@ -581,16 +646,16 @@ def test_empty_batch_gives_zero_not_nan(normalize):
   v = np.ones((2, 3))
   mask = np.zeros((2, 3))
   assert float(losses.dqo_value_loss(v, 2 * v, mask, normalize=normalize)) == 0
-  assert float(losses.dqo_q_loss(v, v, v, v, v, mask, beta=0.1, lam=0.5,
-                                 normalize=normalize)) == 0
+  assert float(losses.dqo_q_loss(v, v, v, v, v, mask, beta=0.1, lam=0.5, normalize=normalize)) == 0
   assert float(losses.sequence_nll(v, mask, normalize=normalize)) == 0
 
 
 def test_invalid_arguments_raise():
   x = np.zeros((1, 2))
   with pytest.raises(ValueError, match="c_max"):
-    losses.soft_lambda_returns(x, x, x, x, x + 1, beta=0.1, lam=0.5,
-                               behaviour_logprobs=x, rho_max=1.0, c_max=2.0)
+    losses.soft_lambda_returns(
+        x, x, x, x, x + 1, beta=0.1, lam=0.5, behaviour_logprobs=x, rho_max=1.0, c_max=2.0
+    )
   with pytest.raises(ValueError, match="normalize"):
     losses.dqo_value_loss(x, x, x, normalize="batch")
 
@@ -604,37 +669,52 @@ def test_jit_matches_eager():
   beta, lam = 0.3, 0.8
   calls = {
       "returns": lambda e: losses.soft_lambda_returns(
-          e["r"], e["v"], e["pl"], e["rl"], e["mask"], beta=beta, lam=lam,
-          behaviour_logprobs=e["bl"], rho_max=2.0, c_max=1.0),
-      "q": lambda e: losses.dqo_q_loss(e["pl"], e["rl"], e["v"], e["r"],
-                                       e["v"], e["mask"], beta=beta, lam=lam),
-      "v": lambda e: losses.dqo_value_loss(e["v"], e["r"], e["mask"],
-                                           normalize="sequence"),
+          e["r"],
+          e["v"],
+          e["pl"],
+          e["rl"],
+          e["mask"],
+          beta=beta,
+          lam=lam,
+          behaviour_logprobs=e["bl"],
+          rho_max=2.0,
+          c_max=1.0,
+      ),
+      "q": lambda e: losses.dqo_q_loss(
+          e["pl"], e["rl"], e["v"], e["r"], e["v"], e["mask"], beta=beta, lam=lam
+      ),
+      "v": lambda e: losses.dqo_value_loss(e["v"], e["r"], e["mask"], normalize="sequence"),
       "nll": lambda e: losses.sequence_nll(e["pl"], e["mask"]),
       "next": lambda e: losses.next_values(e["v"], e["mask"]),
-      "rewards": lambda e: losses.place_outcome_rewards(
-          e["r"][:, 0], e["lengths"], T),
+      "rewards": lambda e: losses.place_outcome_rewards(e["r"][:, 0], e["lengths"], T),
   }
   for name, fn in calls.items():
-    np.testing.assert_allclose(jax.jit(fn)(d), fn(d), rtol=1e-12, atol=1e-12,
-                               err_msg=name)
+    np.testing.assert_allclose(jax.jit(fn)(d), fn(d), rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 def test_vmap_over_stacked_batches():
   ds = [random_batch(20 + i, LENGTHS, T) for i in range(3)]
-  stacked = {k: np.stack([d[k] for d in ds]) for k in ("r", "v", "pl", "rl",
-                                                       "bl", "mask")}
+  stacked = {k: np.stack([d[k] for d in ds]) for k in ("r", "v", "pl", "rl", "bl", "mask")}
   lams = np.array([0.0, 0.5, 1.0])
 
   def per_batch(e, lam):
-    g = losses.soft_lambda_returns(e["r"], e["v"], e["pl"], e["rl"],
-                                   e["mask"], beta=0.3, lam=lam,
-                                   behaviour_logprobs=e["bl"], rho_max=2.0,
-                                   c_max=1.0)
-    return (g,
-            losses.dqo_q_loss(e["pl"], e["rl"], e["v"], e["r"], g, e["mask"],
-                              beta=0.3, lam=lam),
-            losses.dqo_value_loss(e["v"], g, e["mask"]))
+    g = losses.soft_lambda_returns(
+        e["r"],
+        e["v"],
+        e["pl"],
+        e["rl"],
+        e["mask"],
+        beta=0.3,
+        lam=lam,
+        behaviour_logprobs=e["bl"],
+        rho_max=2.0,
+        c_max=1.0,
+    )
+    return (
+        g,
+        losses.dqo_q_loss(e["pl"], e["rl"], e["v"], e["r"], g, e["mask"], beta=0.3, lam=lam),
+        losses.dqo_value_loss(e["v"], g, e["mask"]),
+    )
 
   batched = jax.jit(jax.vmap(per_batch))(stacked, lams)
   for i, d in enumerate(ds):

@@ -8,8 +8,16 @@ import pytest
 
 from dqo_jax.model import ModelConfig, Transformer, init_cache, value_params_from_policy
 
-CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  d_ff=48, tie_embeddings=False)
+CFG = ModelConfig(
+    vocab_size=40,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_ff=48,
+    tie_embeddings=False,
+)
 
 
 def _params(model, seed=0):
@@ -18,8 +26,9 @@ def _params(model, seed=0):
 
 
 def test_every_parameter_has_logical_axis_names():
-  boxed = Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32),
-                                jnp.ones((1, 4), jnp.int32))["params"]
+  boxed = Transformer(CFG).init(
+      jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
+  )["params"]
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
   for box in leaves:
@@ -46,17 +55,25 @@ def test_kv_cache_decode_matches_full_forward(head):
   prompt = np.zeros((2, p), np.int32)
   pmask = np.zeros((2, p), np.int32)
   for i, n in enumerate(prompt_lens):
-    prompt[i, p - n:] = rng.integers(4, 40, n)
-    pmask[i, p - n:] = 1
+    prompt[i, p - n :] = rng.integers(4, 40, n)
+    pmask[i, p - n :] = 1
   cont = rng.integers(4, 40, (2, new)).astype(np.int32)
-  full, _ = model.apply({"params": params}, np.concatenate([prompt, cont], 1),
-                        np.concatenate([pmask, np.ones_like(cont)], 1))
+  full, _ = model.apply(
+      {"params": params},
+      np.concatenate([prompt, cont], 1),
+      np.concatenate([pmask, np.ones_like(cont)], 1),
+  )
   cache = init_cache(CFG, 2, p + new)
   out, cache = model.apply({"params": params}, prompt, pmask, cache=cache, cache_index=0)
   steps = [out]
   for i in range(new):
-    out, cache = model.apply({"params": params}, cont[:, i:i + 1], np.ones((2, 1), np.int32),
-                             cache=cache, cache_index=p + i)
+    out, cache = model.apply(
+        {"params": params},
+        cont[:, i : i + 1],
+        np.ones((2, 1), np.int32),
+        cache=cache,
+        cache_index=p + i,
+    )
     steps.append(out)
   cached = jnp.concatenate(steps, 1)
   valid = np.concatenate([pmask, np.ones_like(cont)], 1).astype(bool)
@@ -68,8 +85,9 @@ def test_value_model_starts_from_the_policy_trunk_at_zero():
   pp, vp = _params(policy, 0), _params(value, 1)
   merged = value_params_from_policy(pp, vp)
   assert "lm_head" not in merged and "value_head" in merged
-  np.testing.assert_array_equal(merged["layer_0"]["mlp"]["up"]["kernel"],
-                                pp["layer_0"]["mlp"]["up"]["kernel"])
+  np.testing.assert_array_equal(
+      merged["layer_0"]["mlp"]["up"]["kernel"], pp["layer_0"]["mlp"]["up"]["kernel"]
+  )
   tokens = jnp.array([[4, 5, 6]])
   v, _ = value.apply({"params": merged}, tokens, jnp.ones_like(tokens))
   np.testing.assert_array_equal(v, np.zeros((1, 3)))

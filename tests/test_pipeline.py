@@ -16,13 +16,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cmd(workdir, *overrides):
-  return [sys.executable, "-m", "dqo_jax.main", "--config=configs/arith.py:tiny",
-          f"--workdir={workdir}", *overrides]
+  return [
+      sys.executable,
+      "-m",
+      "dqo_jax.main",
+      "--config=configs/arith.py:tiny",
+      f"--workdir={workdir}",
+      *overrides,
+  ]
 
 
 def _run(workdir, *overrides, timeout=600):
-  return subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+      _cmd(workdir, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+  )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +82,13 @@ def _wait_for_checkpoint(directory, proc, timeout=300):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
   overrides = ("--config.stages=sft", "--config.sft.steps=400", "--config.checkpoint.every=5")
-  proc = subprocess.Popen(_cmd(tmp_path, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      _cmd(tmp_path, *overrides),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   _wait_for_checkpoint(tmp_path / "sft" / "checkpoints", proc)
   proc.send_signal(sig)
   _, err = proc.communicate(timeout=120)
@@ -87,17 +99,23 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
   assert not os.path.exists(tmp_path / "sft" / "DONE.json")
   again = _run(tmp_path, *overrides)
   assert again.returncode == 0, again.stderr[-2000:]
-  resumed = [l for l in again.stderr.splitlines() + again.stdout.splitlines()
-             if "resuming from the checkpoint at step" in l]
+  resumed = [
+      l
+      for l in again.stderr.splitlines() + again.stdout.splitlines()
+      if "resuming from the checkpoint at step" in l
+  ]
   assert resumed and int(resumed[0].rsplit(" ", 1)[1]) > 0
   assert json.loads((tmp_path / "sft" / "DONE.json").read_text())["summary"]["resumed_from"] > 0
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("--config.dqo.betaa=1", "unknown config key"),
-    ("--config.dqo.beta=abc", "could not convert string to float"),
-    ("--config.stages=sft,rl", "unknown stage"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.dqo.betaa=1", "unknown config key"),
+        ("--config.dqo.beta=abc", "could not convert string to float"),
+        ("--config.stages=sft,rl", "unknown stage"),
+    ],
+)
 def test_bad_config_gets_one_line_error(tmp_path, override, expected):
   proc = _run(tmp_path, override)
   assert proc.returncode == 2

@@ -8,8 +8,9 @@ import numpy as np
 from dqo_jax.model import ModelConfig, Transformer
 from dqo_jax.sampler import FINISH_EOS, FINISH_LENGTH, generate
 
-CFG = ModelConfig(vocab_size=24, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
-                  d_ff=48)
+CFG = ModelConfig(
+    vocab_size=24, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=48
+)
 EOS, PAD = 3, 0
 
 
@@ -36,8 +37,17 @@ def _naive_greedy(model, params, prompt, mask, n):
 
 def test_greedy_matches_naive_decoding_until_eos():
   model, params, prompt, mask = _setup()
-  s = generate(model, params, prompt, mask, jax.random.key(1), max_new_tokens=8, eos_id=EOS,
-               pad_id=PAD, greedy=True)
+  s = generate(
+      model,
+      params,
+      prompt,
+      mask,
+      jax.random.key(1),
+      max_new_tokens=8,
+      eos_id=EOS,
+      pad_id=PAD,
+      greedy=True,
+  )
   naive = _naive_greedy(model, params, prompt, mask, 8)
   for i in range(2):
     length = int(s.lengths[i])
@@ -53,27 +63,45 @@ def test_eos_stops_a_row_and_pads_after():
   # Make EOS the argmax everywhere by biasing its embedding row with the tied head.
   params = jax.tree.map(lambda x: x, params)
   params["embed"] = params["embed"].at[EOS].mul(50.0)
-  s = generate(model, params, prompt, mask, jax.random.key(1), max_new_tokens=6, eos_id=EOS,
-               pad_id=PAD, greedy=True)
+  s = generate(
+      model,
+      params,
+      prompt,
+      mask,
+      jax.random.key(1),
+      max_new_tokens=6,
+      eos_id=EOS,
+      pad_id=PAD,
+      greedy=True,
+  )
   naive = _naive_greedy(model, params, prompt, mask, 6)
   first = [list(r).index(EOS) if EOS in r else None for r in naive]
   assert any(f is not None for f in first), "the bias should make some row emit EOS"
   for i, f in enumerate(first):
     if f is not None:
       assert int(s.lengths[i]) == f + 1 and int(s.finish[i]) == FINISH_EOS
-      assert np.all(np.asarray(s.tokens[i, f + 1:]) == PAD)
-      assert np.all(np.asarray(s.logprobs[i, f + 1:]) == 0.0)
+      assert np.all(np.asarray(s.tokens[i, f + 1 :]) == PAD)
+      assert np.all(np.asarray(s.logprobs[i, f + 1 :]) == 0.0)
 
 
 def test_behaviour_logprobs_are_those_of_the_tempered_distribution():
   model, params, prompt, mask = _setup()
   temperature = 0.7
-  s = generate(model, params, prompt, mask, jax.random.key(3), max_new_tokens=5, eos_id=EOS,
-               pad_id=PAD, temperature=temperature)
+  s = generate(
+      model,
+      params,
+      prompt,
+      mask,
+      jax.random.key(3),
+      max_new_tokens=5,
+      eos_id=EOS,
+      pad_id=PAD,
+      temperature=temperature,
+  )
   toks = np.concatenate([prompt, np.asarray(s.tokens)], 1)
   m = np.concatenate([mask, np.ones_like(np.asarray(s.tokens))], 1)
   logits, _ = model.apply({"params": params}, toks, m)
-  logp = jax.nn.log_softmax(logits[:, prompt.shape[1] - 1:-1] / temperature, -1)
+  logp = jax.nn.log_softmax(logits[:, prompt.shape[1] - 1 : -1] / temperature, -1)
   expected = np.take_along_axis(np.asarray(logp), np.asarray(s.tokens)[..., None], -1)[..., 0]
   for i in range(2):
     n = int(s.lengths[i])
@@ -82,7 +110,17 @@ def test_behaviour_logprobs_are_those_of_the_tempered_distribution():
 
 def test_sampling_is_reproducible_and_seed_dependent():
   model, params, prompt, mask = _setup()
-  run = lambda seed: np.asarray(generate(model, params, prompt, mask, jax.random.key(seed),
-                                         max_new_tokens=6, eos_id=EOS, pad_id=PAD).tokens)
+  run = lambda seed: np.asarray(
+      generate(
+          model,
+          params,
+          prompt,
+          mask,
+          jax.random.key(seed),
+          max_new_tokens=6,
+          eos_id=EOS,
+          pad_id=PAD,
+      ).tokens
+  )
   np.testing.assert_array_equal(run(0), run(0))
   assert any(not np.array_equal(run(0), run(s)) for s in (1, 2, 3))

@@ -16,14 +16,24 @@ from dqo_jax.train.loop import abstract_state, init_state, jit_step
 from dqo_jax.train.sft_step import make_sft_step
 from dqo_jax.train.state import TrainState, make_optimizer
 
-CFG = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  d_ff=64)
-RULES = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
-         ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None))
-OPT = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=2, end_lr_fraction=0.1,
-                                     weight_decay=0.0, grad_clip=1.0, b2=0.98))
-DQO = ml_collections.ConfigDict(dict(beta=0.1, lam=0.95, importance_traces=True, rho_max=1.0,
-                                     c_max=1.0, loss_norm="token"))
+CFG = ModelConfig(
+    vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+)
+OPT = ml_collections.ConfigDict(
+    dict(lr=1e-3, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b2=0.98)
+)
+DQO = ml_collections.ConfigDict(
+    dict(beta=0.1, lam=0.95, importance_traces=True, rho_max=1.0, c_max=1.0, loss_norm="token")
+)
 
 
 def _batch(rng, b=16, p=6, r=7):
@@ -31,15 +41,20 @@ def _batch(rng, b=16, p=6, r=7):
   prompt = np.zeros((b, p), np.int32)
   pmask = np.zeros((b, p), np.int32)
   for i, n in enumerate(prompt_len):
-    prompt[i, p - n:] = rng.integers(4, 32, n)
-    pmask[i, p - n:] = 1
+    prompt[i, p - n :] = rng.integers(4, 32, n)
+    pmask[i, p - n :] = 1
   response_len = rng.integers(1, r + 1, b).astype(np.int32)
   response = rng.integers(4, 32, (b, r)).astype(np.int32)
   response[np.arange(r)[None] >= response_len[:, None]] = 0
-  return dict(prompt=prompt, prompt_mask=pmask, response=response, response_len=response_len,
-              reward=rng.integers(0, 2, b).astype(np.float32),
-              behaviour_logprobs=-rng.uniform(0, 3, (b, r)).astype(np.float32),
-              ref_logprobs=-rng.uniform(0, 3, (b, r)).astype(np.float32))
+  return dict(
+      prompt=prompt,
+      prompt_mask=pmask,
+      response=response,
+      response_len=response_len,
+      reward=rng.integers(0, 2, b).astype(np.float32),
+      behaviour_logprobs=-rng.uniform(0, 3, (b, r)).astype(np.float32),
+      ref_logprobs=-rng.uniform(0, 3, (b, r)).astype(np.float32),
+  )
 
 
 def _init_params(model, rng):
@@ -54,20 +69,25 @@ def _dqo_setup():
   def init_fn(rng):
     pp = _init_params(policy, rng)
     vp = _init_params(value, rng)
-    vp = jax.tree.map(lambda b, v: b.replace_boxed(v), vp,
-                      value_params_from_policy(nn.meta.unbox(pp), nn.meta.unbox(vp)),
-                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    vp = jax.tree.map(
+        lambda b, v: b.replace_boxed(v),
+        vp,
+        value_params_from_policy(nn.meta.unbox(pp), nn.meta.unbox(vp)),
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
     # A non-zero head, so that values (and the value gradient path) are exercised.
     vp["value_head"] = vp["value_head"].replace_boxed(
-        0.1 * jax.random.normal(rng, vp["value_head"].value.shape))
+        0.1 * jax.random.normal(rng, vp["value_head"].value.shape)
+    )
     return DQOState(policy=TrainState.create(pp, ptx), value=TrainState.create(vp, vtx))
 
   return init_fn, make_dqo_step(policy, value, ptx, vtx, DQO), policy, value
 
 
 def _run(init_fn, step_fn, mesh_shape, batches):
-  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)),
-                            devices=jax.devices()[:int(np.prod(mesh_shape))])
+  mesh = sharding.make_mesh(
+      dict(zip(sharding.MESH_AXES, mesh_shape)), devices=jax.devices()[: int(np.prod(mesh_shape))]
+  )
   _, shardings = abstract_state(init_fn, mesh, RULES)
   state = init_state(init_fn, jax.random.key(0), shardings)
   step = jit_step(step_fn, shardings, mesh)
@@ -91,8 +111,11 @@ def test_dqo_step_on_8_devices_matches_one_device():
   # The state really was sharded over fsdp.
   emb = state8.policy.params["embed"]
   assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-               state1.policy.params, state8.policy.params)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+      state1.policy.params,
+      state8.policy.params,
+  )
 
 
 def test_sft_step_on_8_devices_matches_one_device_and_learns():
@@ -116,6 +139,7 @@ def test_dqo_step_gradients_equal_autodiff_of_the_losses():
   captured = {}
 
   class Capture:  # an optimizer that records the gradients it is given
+
     def __init__(self, name):
       self.name = name
 
@@ -130,15 +154,37 @@ def test_dqo_step_gradients_equal_autodiff_of_the_losses():
   rewards = losses.place_outcome_rewards(batch["reward"], batch["response_len"], mask.shape[1])
   lp = response_logprobs(policy, state.policy.params, batch)
   v = response_values(value, state.value.params, batch)
-  g = losses.soft_lambda_returns(rewards, v, lp, batch["ref_logprobs"], mask, beta=DQO.beta,
-                                 lam=DQO.lam, behaviour_logprobs=batch["behaviour_logprobs"])
-  q = lambda p: losses.dqo_q_loss(response_logprobs(policy, p, batch), batch["ref_logprobs"], v,
-                                  rewards, g, mask, beta=DQO.beta, lam=DQO.lam)
+  g = losses.soft_lambda_returns(
+      rewards,
+      v,
+      lp,
+      batch["ref_logprobs"],
+      mask,
+      beta=DQO.beta,
+      lam=DQO.lam,
+      behaviour_logprobs=batch["behaviour_logprobs"],
+  )
+  q = lambda p: losses.dqo_q_loss(
+      response_logprobs(policy, p, batch),
+      batch["ref_logprobs"],
+      v,
+      rewards,
+      g,
+      mask,
+      beta=DQO.beta,
+      lam=DQO.lam,
+  )
   vl = lambda p: losses.dqo_value_loss(response_values(value, p, batch), g, mask)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-               captured["policy"], jax.grad(q)(state.policy.params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-               captured["value"], jax.grad(vl)(state.value.params))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+      captured["policy"],
+      jax.grad(q)(state.policy.params),
+  )
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+      captured["value"],
+      jax.grad(vl)(state.value.params),
+  )
   assert float(optax_norm(captured["value"])) > 0 and float(optax_norm(captured["policy"])) > 0
 
 

@@ -31,21 +31,22 @@ def left_pad(seqs: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarra
   mask = np.zeros((len(seqs), length), np.int32)
   for i, s in enumerate(seqs):
     if s:
-      tokens[i, -len(s):] = s
-      mask[i, -len(s):] = 1
+      tokens[i, -len(s) :] = s
+      mask[i, -len(s) :] = 1
   return tokens, mask
 
 
 def right_pad(seqs: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   tokens = np.full((len(seqs), length), pad_id, np.int32)
   for i, s in enumerate(seqs):
-    tokens[i, :len(s)] = s
+    tokens[i, : len(s)] = s
   return tokens, np.array([len(s) for s in seqs], np.int32)
 
 
 @dataclasses.dataclass
 class Encoded:
   """Examples that fit the length limits, as arrays, plus how many were dropped."""
+
   arrays: dict[str, np.ndarray]
   examples: list[dict]
   dropped: int
@@ -54,8 +55,9 @@ class Encoded:
     return len(self.examples)
 
 
-def encode_examples(tok: Tokenizer, examples: list[dict], max_prompt_len: int,
-                    max_response_len: int) -> Encoded:
+def encode_examples(
+    tok: Tokenizer, examples: list[dict], max_prompt_len: int, max_response_len: int
+) -> Encoded:
   """Encodes question/solution examples into prompt and gold-response arrays."""
   kept, prompts, responses = [], [], []
   for ex in examples:
@@ -66,21 +68,27 @@ def encode_examples(tok: Tokenizer, examples: list[dict], max_prompt_len: int,
       responses.append(r)
   prompt, prompt_mask = left_pad(prompts, max_prompt_len, tok.pad_id)
   response, response_len = right_pad(responses, max_response_len, tok.pad_id)
-  arrays = dict(prompt=prompt, prompt_mask=prompt_mask, response=response,
-                response_len=response_len,
-                num_steps=np.array([ex["num_steps"] for ex in kept], np.int32))
+  arrays = dict(
+      prompt=prompt,
+      prompt_mask=prompt_mask,
+      response=response,
+      response_len=response_len,
+      num_steps=np.array([ex["num_steps"] for ex in kept], np.int32),
+  )
   return Encoded(arrays, kept, len(examples) - len(kept))
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
   """Indices of batch `step`: epochs are seeded permutations, so any step can be recomputed."""
   if num_examples < batch_size:
-    raise ValueError(f"{num_examples} examples cannot fill one batch of {batch_size}; "
-                     "lower the batch size or add data")
+    raise ValueError(
+        f"{num_examples} examples cannot fill one batch of {batch_size}; "
+        "lower the batch size or add data"
+    )
   per_epoch = num_examples // batch_size
   epoch, i = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  return order[i * batch_size:(i + 1) * batch_size]
+  return order[i * batch_size : (i + 1) * batch_size]
 
 
 def take(arrays: dict[str, np.ndarray], idx: np.ndarray, keys=None) -> dict[str, np.ndarray]:

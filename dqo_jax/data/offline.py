@@ -16,8 +16,19 @@ from array_record.python import array_record_module
 
 from dqo_jax.data.batches import left_pad, right_pad
 
-FIELDS = ("prompt_index", "prompt", "response", "behaviour_logprobs", "ref_logprobs", "reward",
-          "correct", "predicted", "finish", "num_steps", "text")
+FIELDS = (
+    "prompt_index",
+    "prompt",
+    "response",
+    "behaviour_logprobs",
+    "ref_logprobs",
+    "reward",
+    "correct",
+    "predicted",
+    "finish",
+    "num_steps",
+    "text",
+)
 
 
 def write_records(path: str, records: list[dict]) -> None:
@@ -43,24 +54,32 @@ def read_records(path: str) -> list[dict]:
     reader.close()
 
 
-def to_arrays(records: list[dict], max_prompt_len: int, max_response_len: int,
-              pad_id: int) -> dict[str, np.ndarray]:
+def to_arrays(
+    records: list[dict], max_prompt_len: int, max_response_len: int, pad_id: int
+) -> dict[str, np.ndarray]:
   """The DQO training arrays in the batch layout of `dqo_jax.data.batches`."""
   for r in records:
     if len(r["prompt"]) > max_prompt_len or len(r["response"]) > max_response_len:
-      raise ValueError("an offline sample is longer than data.max_prompt_len/max_response_len; "
-                       "sample again with the same limits the training stage uses")
+      raise ValueError(
+          "an offline sample is longer than data.max_prompt_len/max_response_len; "
+          "sample again with the same limits the training stage uses"
+      )
   prompt, prompt_mask = left_pad([r["prompt"] for r in records], max_prompt_len, pad_id)
   response, response_len = right_pad([r["response"] for r in records], max_response_len, pad_id)
   floats = lambda key: right_pad_floats([r[key] for r in records], max_response_len)
-  return dict(prompt=prompt, prompt_mask=prompt_mask, response=response,
-              response_len=response_len,
-              behaviour_logprobs=floats("behaviour_logprobs"), ref_logprobs=floats("ref_logprobs"),
-              reward=np.array([r["reward"] for r in records], np.float32))
+  return dict(
+      prompt=prompt,
+      prompt_mask=prompt_mask,
+      response=response,
+      response_len=response_len,
+      behaviour_logprobs=floats("behaviour_logprobs"),
+      ref_logprobs=floats("ref_logprobs"),
+      reward=np.array([r["reward"] for r in records], np.float32),
+  )
 
 
 def right_pad_floats(seqs: list[list[float]], length: int) -> np.ndarray:
   out = np.zeros((len(seqs), length), np.float32)
   for i, s in enumerate(seqs):
-    out[i, :len(s)] = s
+    out[i, : len(s)] = s
   return out

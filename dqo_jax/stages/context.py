@@ -77,8 +77,9 @@ class Context:
 def rebox(boxed, values):
   """`values` wrapped in the logical-partitioning boxes of `boxed` (same tree structure)."""
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
-  return jax.tree.map(lambda box, v: box.replace_boxed(v) if is_box(box) else v, boxed, values,
-                      is_leaf=is_box)
+  return jax.tree.map(
+      lambda box, v: box.replace_boxed(v) if is_box(box) else v, boxed, values, is_leaf=is_box
+  )
 
 
 def build_context(config, workdir: str) -> Context:
@@ -86,18 +87,31 @@ def build_context(config, workdir: str) -> Context:
   if d.task != "arith":
     raise ValueError(f"config.data.task={d.task!r}: only 'arith' is available so far")
   data_dir = d.dir or os.path.join(workdir, "data")
-  params = dict(num_train=d.num_train, num_test=d.num_test, seed=d.seed, min_steps=d.min_steps,
-                max_steps=d.max_steps, max_operand=d.max_operand, max_result=d.max_result)
+  params = dict(
+      num_train=d.num_train,
+      num_test=d.num_test,
+      seed=d.seed,
+      min_steps=d.min_steps,
+      max_steps=d.max_steps,
+      max_operand=d.max_operand,
+      max_result=d.max_result,
+  )
   splits = arith_tfds.load_arith(data_dir, **params)
-  tok_path = os.path.join(arith_tfds.arith_builder(data_dir, **params).data_dir,
-                          f"tokenizer_{config.tokenizer.vocab_size}.model")
+  tok_path = os.path.join(
+      arith_tfds.arith_builder(data_dir, **params).data_dir,
+      f"tokenizer_{config.tokenizer.vocab_size}.model",
+  )
   texts = lambda: [t for ex in splits["train"] for t in (ex["question"], ex["solution"])]
   tok = load_or_train_tokenizer(tok_path, texts, config.tokenizer.vocab_size)
-  enc = {s: encode_examples(tok, splits[s], d.max_prompt_len, d.max_response_len)
-         for s in ("train", "test")}
+  enc = {
+      s: encode_examples(tok, splits[s], d.max_prompt_len, d.max_response_len)
+      for s in ("train", "test")
+  }
   for s, e in enc.items():
     if e.dropped:
-      print(f"[data] {s}: dropped {e.dropped} of {e.dropped + len(e)} examples longer than "
-            f"data.max_prompt_len={d.max_prompt_len}/max_response_len={d.max_response_len}")
+      print(
+          f"[data] {s}: dropped {e.dropped} of {e.dropped + len(e)} examples longer than "
+          f"data.max_prompt_len={d.max_prompt_len}/max_response_len={d.max_response_len}"
+      )
   mesh = sharding.make_mesh(config.mesh)
   return Context(config, workdir, tok, enc["train"], enc["test"], mesh)

@@ -31,8 +31,9 @@ def dqo_init_fn(ctx: Context):
     policy_rng, value_rng = jax.random.split(rng)
     policy = rebox(ctx.init_params(ctx.policy_model, policy_rng), sft_params)
     value = ctx.value_params_from(sft_params, value_rng)
-    return DQOState(policy=TrainState.create(policy, policy_tx),
-                    value=TrainState.create(value, value_tx))
+    return DQOState(
+        policy=TrainState.create(policy, policy_tx), value=TrainState.create(value, value_tx)
+    )
 
   return init_fn, policy_tx, value_tx
 
@@ -54,9 +55,18 @@ def run(ctx: Context) -> dict:
   step_fn = make_dqo_step(ctx.policy_model, ctx.value_model, policy_tx, value_tx, d)
   batch_at = lambda i: take(arrays, batch_indices(n, d.batch_size, i, cfg.seed + 2))
   _, summary = fit(
-      stage_dir=ctx.stage_dir("dqo"), init_fn=init_fn, step_fn=step_fn, batch_at=batch_at,
-      num_steps=d.steps, mesh=ctx.mesh, rules=ctx.rules, rng=jax.random.key(cfg.seed + 3),
-      checkpoint_cfg=cfg.checkpoint, log_every=cfg.log_every, desc="dqo",
+      stage_dir=ctx.stage_dir("dqo"),
+      init_fn=init_fn,
+      step_fn=step_fn,
+      batch_at=batch_at,
+      num_steps=d.steps,
+      mesh=ctx.mesh,
+      rules=ctx.rules,
+      rng=jax.random.key(cfg.seed + 3),
+      checkpoint_cfg=cfg.checkpoint,
+      log_every=cfg.log_every,
+      desc="dqo",
       init_args=(ctx.sft_params(),),
-      on_log=accuracy_monitor(ctx, lambda state: state.policy.params))
+      on_log=accuracy_monitor(ctx, lambda state: state.policy.params),
+  )
   return dict(summary, num_samples=n)

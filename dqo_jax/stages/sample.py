@@ -30,9 +30,15 @@ def reference_logprobs(ctx: Context, params, prompt, prompt_mask, samples, batch
   n, out = prompt.shape[0], []
   for start in tqdm(range(0, n, batch_size), desc="reference log-probs", leave=False):
     idx = np.arange(start, start + batch_size) % n
-    batch = dict(prompt=prompt[idx], prompt_mask=prompt_mask[idx], response=samples.tokens[idx],
-                 response_len=samples.lengths[idx])
-    out.append(np.asarray(fn(params, jax.device_put(batch, batch_sh)))[:min(batch_size, n - start)])
+    batch = dict(
+        prompt=prompt[idx],
+        prompt_mask=prompt_mask[idx],
+        response=samples.tokens[idx],
+        response_len=samples.lengths[idx],
+    )
+    out.append(
+        np.asarray(fn(params, jax.device_put(batch, batch_sh)))[: min(batch_size, n - start)]
+    )
   return np.concatenate(out)
 
 
@@ -46,24 +52,41 @@ def run(ctx: Context) -> dict:
   prompt = ctx.train.arrays["prompt"][prompt_index]
   prompt_mask = ctx.train.arrays["prompt_mask"][prompt_index]
   samples = generate_all(
-      ctx.policy_model, params, prompt, prompt_mask, jax.random.key(cfg.seed + 1), tok=tok,
-      mesh=ctx.mesh, batch_size=s.batch_size, max_new_tokens=cfg.data.max_response_len,
-      temperature=s.temperature, desc=f"sample {k} x {n_prompts} prompts")
+      ctx.policy_model,
+      params,
+      prompt,
+      prompt_mask,
+      jax.random.key(cfg.seed + 1),
+      tok=tok,
+      mesh=ctx.mesh,
+      batch_size=s.batch_size,
+      max_new_tokens=cfg.data.max_response_len,
+      temperature=s.temperature,
+      desc=f"sample {k} x {n_prompts} prompts",
+  )
   examples = [ctx.train.examples[i] for i in prompt_index]
-  texts, grades, reward = grade_samples(cfg.data.task, tok, samples, [e["solution"] for e in examples],
-                                        cfg.rewards)
+  texts, grades, reward = grade_samples(
+      cfg.data.task, tok, samples, [e["solution"] for e in examples], cfg.rewards
+  )
   ref = reference_logprobs(ctx, params, prompt, prompt_mask, samples, s.batch_size)
   records = []
   for i, ex in enumerate(examples):
     length, pmask = int(samples.lengths[i]), prompt_mask[i].astype(bool)
-    records.append(dict(
-        prompt_index=int(prompt_index[i]), prompt=prompt[i][pmask].tolist(),
-        response=samples.tokens[i, :length].tolist(),
-        behaviour_logprobs=samples.logprobs[i, :length].tolist(),
-        ref_logprobs=ref[i, :length].tolist(), reward=float(reward[i]),
-        correct=grades[i].correct, predicted=grades[i].predicted,
-        finish="eos" if samples.finish[i] == FINISH_EOS else "length",
-        num_steps=int(ex["num_steps"]), text=texts[i]))
+    records.append(
+        dict(
+            prompt_index=int(prompt_index[i]),
+            prompt=prompt[i][pmask].tolist(),
+            response=samples.tokens[i, :length].tolist(),
+            behaviour_logprobs=samples.logprobs[i, :length].tolist(),
+            ref_logprobs=ref[i, :length].tolist(),
+            reward=float(reward[i]),
+            correct=grades[i].correct,
+            predicted=grades[i].predicted,
+            finish="eos" if samples.finish[i] == FINISH_EOS else "length",
+            num_steps=int(ex["num_steps"]),
+            text=texts[i],
+        )
+    )
   write_records(os.path.join(ctx.stage_dir("sample"), SAMPLES_FILE), records)
 
   correct = np.array([g.correct for g in grades]).reshape(n_prompts, k)
@@ -73,11 +96,14 @@ def run(ctx: Context) -> dict:
   # that the KV-cache decode path and the full forward pass compute the same model.
   gap = float(np.abs(samples.logprobs - ref)[mask].max()) if s.temperature == 1.0 else None
   return dict(
-      num_prompts=n_prompts, samples_per_prompt=k, num_samples=len(records),
+      num_prompts=n_prompts,
+      samples_per_prompt=k,
+      num_samples=len(records),
       fraction_correct=float(correct.mean()),
       prompts_all_correct=float(correct.all(1).mean()),
       prompts_all_incorrect=float((~correct).all(1).mean()),
       prompts_mixed=float((correct.any(1) & ~correct.all(1)).mean()),
       fraction_cut_at_length=float(np.mean(samples.finish != FINISH_EOS)),
       mean_response_tokens=float(lengths.mean()),
-      max_abs_behaviour_minus_reference_logprob=gap)
+      max_abs_behaviour_minus_reference_logprob=gap,
+  )

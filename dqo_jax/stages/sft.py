@@ -19,8 +19,17 @@ def run(ctx: Context) -> dict:
   arrays, n = ctx.train.arrays, len(ctx.train)
   batch_at = lambda i: take(arrays, batch_indices(n, cfg.sft.batch_size, i, cfg.seed), BATCH_KEYS)
   _, summary = fit(
-      stage_dir=ctx.stage_dir("sft"), init_fn=init_fn, step_fn=make_sft_step(ctx.policy_model, tx),
-      batch_at=batch_at, num_steps=cfg.sft.steps, mesh=ctx.mesh, rules=ctx.rules,
-      rng=jax.random.key(cfg.seed), checkpoint_cfg=cfg.checkpoint, log_every=cfg.log_every,
-      desc="sft", on_log=accuracy_monitor(ctx, lambda state: state.params))
+      stage_dir=ctx.stage_dir("sft"),
+      init_fn=init_fn,
+      step_fn=make_sft_step(ctx.policy_model, tx),
+      batch_at=batch_at,
+      num_steps=cfg.sft.steps,
+      mesh=ctx.mesh,
+      rules=ctx.rules,
+      rng=jax.random.key(cfg.seed),
+      checkpoint_cfg=cfg.checkpoint,
+      log_every=cfg.log_every,
+      desc="sft",
+      on_log=accuracy_monitor(ctx, lambda state: state.params),
+  )
   return summary

@@ -33,9 +33,13 @@ def _masked_mean(x, mask):
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_dqo_step(policy_model: Transformer, value_model: Transformer,
-                  policy_tx: optax.GradientTransformation, value_tx: optax.GradientTransformation,
-                  cfg):
+def make_dqo_step(
+    policy_model: Transformer,
+    value_model: Transformer,
+    policy_tx: optax.GradientTransformation,
+    value_tx: optax.GradientTransformation,
+    cfg,
+):
   """cfg: `config.dqo` (beta, lam, importance_traces, rho_max, c_max, loss_norm)."""
   beta, lam, norm = float(cfg.beta), float(cfg.lam), cfg.loss_norm
 
@@ -43,19 +47,32 @@ def make_dqo_step(policy_model: Transformer, value_model: Transformer,
     mask = response_mask(batch).astype(jnp.float32)
     ref = batch["ref_logprobs"]
     rewards = losses.place_outcome_rewards(batch["reward"], batch["response_len"], mask.shape[1])
-    logp, policy_vjp = jax.vjp(lambda p: response_logprobs(policy_model, p, batch),
-                               state.policy.params)
-    values, value_vjp = jax.vjp(lambda p: response_values(value_model, p, batch),
-                                state.value.params)
+    logp, policy_vjp = jax.vjp(
+        lambda p: response_logprobs(policy_model, p, batch), state.policy.params
+    )
+    values, value_vjp = jax.vjp(
+        lambda p: response_values(value_model, p, batch), state.value.params
+    )
     returns = losses.soft_lambda_returns(
-        rewards, values, logp, ref, mask, beta=beta, lam=lam,
+        rewards,
+        values,
+        logp,
+        ref,
+        mask,
+        beta=beta,
+        lam=lam,
         behaviour_logprobs=batch["behaviour_logprobs"] if cfg.importance_traces else None,
-        rho_max=float(cfg.rho_max), c_max=float(cfg.c_max))
+        rho_max=float(cfg.rho_max),
+        c_max=float(cfg.c_max),
+    )
     q_loss, d_logp = jax.value_and_grad(
-        lambda lp: losses.dqo_q_loss(lp, ref, values, rewards, returns, mask, beta=beta, lam=lam,
-                                     normalize=norm))(logp)
+        lambda lp: losses.dqo_q_loss(
+            lp, ref, values, rewards, returns, mask, beta=beta, lam=lam, normalize=norm
+        )
+    )(logp)
     v_loss, d_values = jax.value_and_grad(
-        lambda v: losses.dqo_value_loss(v, returns, mask, normalize=norm))(values)
+        lambda v: losses.dqo_value_loss(v, returns, mask, normalize=norm)
+    )(values)
     (policy_grads,) = policy_vjp(d_logp)
     (value_grads,) = value_vjp(d_values)
 
@@ -63,7 +80,8 @@ def make_dqo_step(policy_model: Transformer, value_model: Transformer,
     advantage = losses.q_targets(rewards, values, returns, mask, lam=lam) - beta * log_ratio
     adv_mean = _masked_mean(advantage, mask)
     metrics = dict(
-        q_loss=q_loss, value_loss=v_loss,
+        q_loss=q_loss,
+        value_loss=v_loss,
         mean_value=_masked_mean(values, mask),
         mean_log_ratio=_masked_mean(log_ratio, mask),
         seq_log_ratio=jnp.mean(jnp.sum(log_ratio * mask, axis=1)),
@@ -72,9 +90,12 @@ def make_dqo_step(policy_model: Transformer, value_model: Transformer,
         advantage_std=jnp.sqrt(_masked_mean((advantage - adv_mean) ** 2, mask)),
         reward=jnp.mean(batch["reward"]),
         policy_grad_norm=optax.tree.norm(policy_grads),
-        value_grad_norm=optax.tree.norm(value_grads))
-    new_state = DQOState(policy=state.policy.apply_gradients(policy_grads, policy_tx),
-                         value=state.value.apply_gradients(value_grads, value_tx))
+        value_grad_norm=optax.tree.norm(value_grads),
+    )
+    new_state = DQOState(
+        policy=state.policy.apply_gradients(policy_grads, policy_tx),
+        value=state.value.apply_gradients(value_grads, value_tx),
+    )
     return new_state, metrics
 
   return step

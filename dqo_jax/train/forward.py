@@ -26,7 +26,7 @@ def _response_aligned(model: Transformer, params, batch) -> jax.Array:
   mask = jnp.concatenate([batch["prompt_mask"], response_mask(batch)], axis=1).astype(jnp.int32)
   # The last response token predicts nothing, so it is not fed; position p-1+t predicts a_t.
   out, _ = model.apply({"params": params}, tokens[:, :-1], mask[:, :-1])
-  return out[:, p - 1:]
+  return out[:, p - 1 :]
 
 
 def response_logprobs(model: Transformer, params, batch) -> jax.Array:

@@ -47,8 +47,12 @@ def abstract_state(init_fn: Callable, mesh, rules, init_args=()):
   boxed = jax.eval_shape(init_fn, jax.random.key(0), *init_args)
   shardings = sharding.state_shardings(boxed, mesh, rules)
   shapes = meta.unbox(boxed)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, shardings), shardings
+  return (
+      jax.tree.map(
+          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+      ),
+      shardings,
+  )
 
 
 def init_state(init_fn: Callable, rng, shardings, init_args=()):
@@ -59,20 +63,38 @@ def init_state(init_fn: Callable, rng, shardings, init_args=()):
 def jit_step(step_fn: Callable, state_shardings, mesh):
   """The step jitted over the mesh: state sharded by its logical axes and donated, batch split
   over the data axes, metrics replicated."""
-  return jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0,
+  )
 
 
-def fit(*, stage_dir: str, init_fn: Callable, step_fn: Callable, batch_at: Callable[[int], dict],
-        num_steps: int, mesh, rules, rng, checkpoint_cfg, log_every: int, desc: str,
-        init_args=(), on_log: Callable[[int, dict], dict] | None = None):
+def fit(
+    *,
+    stage_dir: str,
+    init_fn: Callable,
+    step_fn: Callable,
+    batch_at: Callable[[int], dict],
+    num_steps: int,
+    mesh,
+    rules,
+    rng,
+    checkpoint_cfg,
+    log_every: int,
+    desc: str,
+    init_args=(),
+    on_log: Callable[[int, dict], dict] | None = None,
+):
   """Trains and returns (state, summary). Resumes from `<stage_dir>/checkpoints` if present.
 
   A fresh state is `init_fn(rng, *init_args)`; `on_log(step, state)` may add metrics.
   """
   abstract, shardings = abstract_state(init_fn, mesh, rules, init_args)
-  ckpt = Checkpoints(os.path.join(stage_dir, "checkpoints"), every=checkpoint_cfg.every,
-                     keep=checkpoint_cfg.keep)
+  ckpt = Checkpoints(
+      os.path.join(stage_dir, "checkpoints"), every=checkpoint_cfg.every, keep=checkpoint_cfg.keep
+  )
   start = ckpt.latest_step() or 0
   if start:
     state = ckpt.restore(abstract)
@@ -85,8 +107,9 @@ def fit(*, stage_dir: str, init_fn: Callable, step_fn: Callable, batch_at: Calla
   history, last = [], {}
   t0 = time.time()
   try:
-    with _stop_requests() as stop, tqdm(total=num_steps, initial=start, desc=desc,
-                                        dynamic_ncols=True) as bar:
+    with _stop_requests() as stop, tqdm(
+        total=num_steps, initial=start, desc=desc, dynamic_ncols=True
+    ) as bar:
       for step in range(start, num_steps):
         batch = jax.device_put(batch_at(step), batch_sharding)
         state, metrics = step_jit(state, batch)
@@ -103,11 +126,14 @@ def fit(*, stage_dir: str, init_fn: Callable, step_fn: Callable, batch_at: Calla
         ckpt.save(done, state, force=done == num_steps)
         if stop:
           ckpt.save(done, state, force=True)
-          raise Interrupted(f"[{desc}] stopped by signal {stop[0]} at step {done}/{num_steps}; "
-                            f"checkpoint saved in {ckpt.directory}; rerun the same command to resume")
+          raise Interrupted(
+              f"[{desc}] stopped by signal {stop[0]} at step {done}/{num_steps}; "
+              f"checkpoint saved in {ckpt.directory}; rerun the same command to resume"
+          )
   finally:
     writer.close()
     ckpt.close()
-  summary = dict(steps=num_steps, resumed_from=start, seconds=round(time.time() - t0, 1),
-                 final_metrics=last)
+  summary = dict(
+      steps=num_steps, resumed_from=start, seconds=round(time.time() - t0, 1), final_metrics=last
+  )
   return state, summary

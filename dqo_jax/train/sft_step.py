@@ -18,4 +18,5 @@ def make_sft_step(model: Transformer, tx: optax.GradientTransformation):
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads))
     return state.apply_gradients(grads, tx), metrics
+
   return step

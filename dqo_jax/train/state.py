@@ -22,16 +22,22 @@ class TrainState:
 
   def apply_gradients(self, grads, tx: optax.GradientTransformation) -> "TrainState":
     updates, opt_state = tx.update(grads, self.opt_state, self.params)
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state)
+    return self.replace(
+        step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state
+    )
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
   """AdamW with linear warm-up, cosine decay to `end_lr_fraction` and global-norm clipping."""
   warmup = min(int(opt_cfg.warmup_steps), max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt_cfg.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=opt_cfg.lr * opt_cfg.end_lr_fraction)
+      init_value=0.0,
+      peak_value=opt_cfg.lr,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=opt_cfg.lr * opt_cfg.end_lr_fraction,
+  )
   return optax.chain(
       optax.clip_by_global_norm(opt_cfg.grad_clip),
-      optax.adamw(schedule, b1=0.9, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay))
+      optax.adamw(schedule, b1=0.9, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay),
+  )
