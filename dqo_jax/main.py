@@ -63,6 +63,19 @@ def check_config(config) -> list[str]:
   return stages
 
 
+def describe(summary: dict, prefix: str = "") -> str:
+  """A stage summary as one readable line: nested keys joined by '.', floats to 3 digits."""
+  parts = []
+  for key, value in summary.items():
+    if isinstance(value, dict):
+      parts.append(describe(value, f"{prefix}{key}."))
+    elif isinstance(value, float):
+      parts.append(f"{prefix}{key}={value:.3g}")
+    else:
+      parts.append(f"{prefix}{key}={value}")
+  return ", ".join(p for p in parts if p)
+
+
 def run_pipeline(config, workdir: str) -> dict:
   from dqo_jax.metrics import write_json_atomic
   from dqo_jax.stages import dqo, evaluate, sample, sft
@@ -89,7 +102,7 @@ def run_pipeline(config, workdir: str) -> dict:
     summary = runners[stage](ctx)
     timings[stage] = round(time.time() - t0, 1)
     write_json_atomic(done_file, dict(summary=summary, seconds=timings[stage]))
-    print(f"[{stage}] done in {timings[stage]:.0f}s: {json.dumps(summary, default=str)}")
+    print(f"[{stage}] done in {timings[stage]:.0f}s: {describe(summary)}")
   results_file = os.path.join(workdir, "results.json")
   if os.path.exists(results_file):
     with open(results_file) as f:
