@@ -87,6 +87,7 @@ def get_config(arg: str = ""):
       rho_max=1.0,
       c_max=1.0,
       loss_norm="token",  # "token": mean over valid tokens; "sequence": mean of per-sequence means
+      value_warmup_steps=0,  # steps at the start that update only the value model
       policy_optimizer=optimizer(1e-4, 20),
       value_optimizer=optimizer(1e-3, 20),
   )

@@ -53,6 +53,10 @@ def check_config(config) -> list[str]:
     )
   if d.loss_norm not in ("token", "sequence"):
     raise UserError(f"config.dqo.loss_norm={d.loss_norm!r}; use 'token' or 'sequence'")
+  if not 0 <= d.value_warmup_steps < d.steps:
+    raise UserError(
+        f"config.dqo.value_warmup_steps={d.value_warmup_steps} must lie in [0, dqo.steps)"
+    )
   if not 0.0 <= d.lam <= 1.0:
     raise UserError(f"config.dqo.lam={d.lam} must lie in [0, 1]")
   if config.eval.every % config.log_every:

@@ -32,7 +32,15 @@ OPT = ml_collections.ConfigDict(
     dict(lr=1e-3, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b2=0.98)
 )
 DQO = ml_collections.ConfigDict(
-    dict(beta=0.1, lam=0.95, importance_traces=True, rho_max=1.0, c_max=1.0, loss_norm="token")
+    dict(
+        beta=0.1,
+        lam=0.95,
+        importance_traces=True,
+        rho_max=1.0,
+        c_max=1.0,
+        loss_norm="token",
+        value_warmup_steps=0,
+    )
 )
 
 
@@ -211,3 +219,25 @@ def test_dqo_step_logs_the_soft_advantage():
     adv.extend(g - v[i, :n])
   np.testing.assert_allclose(float(metrics["advantage_mean"]), np.mean(adv), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(float(metrics["advantage_std"]), np.std(adv), rtol=1e-3, atol=1e-6)
+
+
+def test_value_warmup_freezes_the_policy_then_releases_it():
+  init_fn, _, policy, value = _dqo_setup()
+  cfg = ml_collections.ConfigDict(dict(DQO, value_warmup_steps=2))
+  tx = make_optimizer(OPT, 10)
+  step = jax.jit(make_dqo_step(policy, value, tx, tx, cfg))
+  state = nn.meta.unbox(init_fn(jax.random.key(0)))
+  rng = np.random.default_rng(4)
+  changed = lambda a, b: any(
+      not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+  history = [state]
+  for _ in range(4):
+    state, _ = step(state, jax.tree.map(jnp.asarray, _batch(rng)))
+    history.append(state)
+  assert not changed(history[0].policy.params, history[2].policy.params)
+  assert int(history[2].policy.step) == 0
+  assert changed(history[0].value.params, history[2].value.params)  # step 0 has lr 0 (warm-up)
+  # Released: the policy's own schedule starts (its first step has learning rate 0).
+  assert int(history[4].policy.step) == 2
+  assert changed(history[2].policy.params, history[4].policy.params)

@@ -24,7 +24,7 @@ from dqo_jax.train.state import TrainState, make_optimizer
 def dqo_init_fn(ctx: Context):
   """(init_fn, policy_tx, value_tx); init_fn(rng, sft_params) builds the DQO state."""
   d = ctx.config.dqo
-  policy_tx = make_optimizer(d.policy_optimizer, d.steps)
+  policy_tx = make_optimizer(d.policy_optimizer, d.steps - d.value_warmup_steps)
   value_tx = make_optimizer(d.value_optimizer, d.steps)
 
   def init_fn(rng, sft_params):

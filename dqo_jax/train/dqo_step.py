@@ -40,8 +40,10 @@ def make_dqo_step(
     value_tx: optax.GradientTransformation,
     cfg,
 ):
-  """cfg: `config.dqo` (beta, lam, importance_traces, rho_max, c_max, loss_norm)."""
+  """cfg: `config.dqo` (beta, lam, importance_traces, rho_max, c_max, loss_norm,
+  value_warmup_steps)."""
   beta, lam, norm = float(cfg.beta), float(cfg.lam), cfg.loss_norm
+  warmup = int(cfg.value_warmup_steps)
 
   def step(state: DQOState, batch):
     mask = response_mask(batch).astype(jnp.float32)
@@ -92,10 +94,13 @@ def make_dqo_step(
         policy_grad_norm=optax.tree.norm(policy_grads),
         value_grad_norm=optax.tree.norm(value_grads),
     )
-    new_state = DQOState(
-        policy=state.policy.apply_gradients(policy_grads, policy_tx),
-        value=state.value.apply_gradients(value_grads, value_tx),
-    )
+    policy = state.policy.apply_gradients(policy_grads, policy_tx)
+    if warmup:
+      # The value model alone learns for the first `warmup` steps (the policy is still pi_ref),
+      # so that bootstrapped targets (lambda < 1) start from a fitted V.
+      frozen = state.value.step < warmup
+      policy = jax.tree.map(lambda old, new: jnp.where(frozen, old, new), state.policy, policy)
+    new_state = DQOState(policy=policy, value=state.value.apply_gradients(value_grads, value_tx))
     return new_state, metrics
 
   return step
