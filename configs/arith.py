@@ -77,7 +77,7 @@ def get_config(arg: str = ""):
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
 
   # beta=0.5: of beta in {0.1, 0.2, 0.5, 1.0} tried on this task (seed 0, 400 steps), 0.5 and 1.0
-  # came closest to SFT and 0.1 fell furthest below it; see docs/method.md, "Results".
+  # came closest to SFT and 0.1 fell furthest below it; see docs/results.md.
   c.dqo = dict(
       steps=400,
       batch_size=16,

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
 from dqo_jax import losses, sharding
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy

@@ -9,7 +9,6 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dqo_jax import sharding
 from dqo_jax.checkpoint import restore_params
