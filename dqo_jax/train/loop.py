@@ -123,9 +123,9 @@ def fit(
             last.update(on_log(done, state))
           writer.write(done, last)
           bar.set_postfix({k: f"{v:.3g}" for k, v in list(last.items())[:3]})
-        ckpt.save(done, state, force=done == num_steps)
+        # One save call per step: a second one for the same step would be refused by Orbax.
+        ckpt.save(done, state, force=done == num_steps or bool(stop))
         if stop:
-          ckpt.save(done, state, force=True)
           raise Interrupted(
               f"[{desc}] stopped by signal {stop[0]} at step {done}/{num_steps}; "
               f"checkpoint saved in {ckpt.directory}; rerun the same command to resume"
