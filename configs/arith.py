@@ -1,4 +1,4 @@
-"""The embedded default: multi-step arithmetic word problems, a ~0.9M-parameter Llama-style model.
+"""The embedded default: multi-step arithmetic word problems, a 0.82M-parameter Llama-style model.
 
     python -m dqo_jax.main --config=configs/arith.py --workdir=/tmp/dqo_arith
     python -m dqo_jax.main --config=configs/arith.py:tiny --workdir=/tmp/dqo_tiny   # seconds
