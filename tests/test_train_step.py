@@ -1,6 +1,9 @@
 """The jitted train steps: sharded over 8 simulated devices they compute what one device does,
 and the DQO step's single-pass gradients equal plain autodiff of its losses."""
 
+import importlib.util
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,15 +21,20 @@ from dqo_jax.train.state import TrainState, make_optimizer
 CFG = ModelConfig(
     vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
 )
-RULES = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-)
+
+
+def _default_rules():
+  """The logical-axis rules of the default config, so the test shards as a user's run does."""
+  path = os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "arith.py"
+  )
+  spec = importlib.util.spec_from_file_location("arith_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return sharding.logical_rules(module.get_config().mesh)
+
+
+RULES = _default_rules()
 OPT = ml_collections.ConfigDict(
     dict(lr=1e-3, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b2=0.98)
 )
