@@ -80,6 +80,18 @@ def describe(summary: dict, prefix: str = "") -> str:
   return ", ".join(p for p in parts if p)
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+  """'key: old -> new' for every leaf that differs between two config dicts."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_changes(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: {a} -> {b}")
+  return out
+
+
 def run_pipeline(config, workdir: str) -> dict:
   from dqo_jax.metrics import write_json_atomic
   from dqo_jax.stages import dqo, evaluate, sample, sft
@@ -89,7 +101,18 @@ def run_pipeline(config, workdir: str) -> dict:
 
   stages = check_config(config)
   workdir = check_workdir(workdir)
-  write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  config_file = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(config_file):
+    with open(config_file) as f:
+      changed = config_changes(json.load(f), current)
+    if changed:
+      # Finished stages are skipped whatever the config says: make that visible.
+      print(
+          f"[setup] warning: config differs from this workdir's last run ({', '.join(changed)}); "
+          "finished stages keep their old results; use a new --workdir to rerun them"
+      )
+  write_json_atomic(config_file, current)
   ctx = build_context(config, workdir)
   print(
       f"[setup] {len(ctx.train)} train / {len(ctx.test)} test problems, "

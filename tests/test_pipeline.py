@@ -131,3 +131,11 @@ def test_unwritable_workdir_gets_one_line_error(tmp_path):
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "is not writable" in lines[0]
+
+
+def test_rerun_with_another_config_warns_that_finished_stages_are_kept(finished):
+  workdir, _ = finished
+  proc = _run(workdir, "--config.dqo.beta=0.25")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "config differs" in proc.stdout and "dqo.beta: 0.5 -> 0.25" in proc.stdout
+  assert "[dqo] already complete" in proc.stdout
