@@ -197,21 +197,27 @@ def np_next(x, lengths):
   return out
 
 
-def returns_of(d, beta, lam, traces):
-  bl = None if traces is None else d["bl"]
+def traced_returns(r, v, pl, rl, mask, behaviour, *, beta, lam, traces):
+  """`soft_lambda_returns` with `traces` None (no correction) or (rho_max, c_max)."""
   rho_max, c_max = traces or (1.0, 1.0)
+  return losses.soft_lambda_returns(
+      r,
+      v,
+      pl,
+      rl,
+      mask,
+      beta=beta,
+      lam=lam,
+      behaviour_logprobs=None if traces is None else behaviour,
+      rho_max=rho_max,
+      c_max=c_max,
+  )
+
+
+def returns_of(d, beta, lam, traces):
   return np.asarray(
-      losses.soft_lambda_returns(
-          d["r"],
-          d["v"],
-          d["pl"],
-          d["rl"],
-          d["mask"],
-          beta=beta,
-          lam=lam,
-          behaviour_logprobs=bl,
-          rho_max=rho_max,
-          c_max=c_max,
+      traced_returns(
+          d["r"], d["v"], d["pl"], d["rl"], d["mask"], d["bl"], beta=beta, lam=lam, traces=traces
       )
   )
 
@@ -340,21 +346,10 @@ def path_consistent_batch(seed, beta):
 def test_path_consistency_zeroes_losses_and_gradients(lam, traces, normalize):
   beta = 0.25
   d = path_consistent_batch(4, beta)
-  bl = None if traces is None else d["bl"]
-  rho_max, c_max = traces or (1.0, 1.0)
 
   def both(pl, v):
-    g = losses.soft_lambda_returns(
-        d["r"],
-        v,
-        pl,
-        d["rl"],
-        d["mask"],
-        beta=beta,
-        lam=lam,
-        behaviour_logprobs=bl,
-        rho_max=rho_max,
-        c_max=c_max,
+    g = traced_returns(
+        d["r"], v, pl, d["rl"], d["mask"], d["bl"], beta=beta, lam=lam, traces=traces
     )
     l_q = losses.dqo_q_loss(
         pl, d["rl"], v, d["r"], g, d["mask"], beta=beta, lam=lam, normalize=normalize
@@ -402,19 +397,8 @@ def test_gradient_identity_single_token(traces):
   lengths = [0, 1, 0]
   d = random_batch(5, lengths, 4)
   beta, lam = 0.5, 0.8
-  bl = None if traces is None else d["bl"]
-  rho_max, c_max = traces or (1.0, 1.0)
-  g = losses.soft_lambda_returns(
-      d["r"],
-      d["v"],
-      d["pl"],
-      d["rl"],
-      d["mask"],
-      beta=beta,
-      lam=lam,
-      behaviour_logprobs=bl,
-      rho_max=rho_max,
-      c_max=c_max,
+  g = traced_returns(
+      d["r"], d["v"], d["pl"], d["rl"], d["mask"], d["bl"], beta=beta, lam=lam, traces=traces
   )
   grad = jax.grad(
       lambda pl: losses.dqo_q_loss(pl, d["rl"], d["v"], d["r"], g, d["mask"], beta=beta, lam=lam)
@@ -431,23 +415,12 @@ def test_gradient_identity_single_token(traces):
 def test_gradient_identity_aggregate(traces, normalize):
   d = random_batch(6, LENGTHS, T)
   beta, lam = 0.5, 0.7
-  bl = None if traces is None else d["bl"]
-  rho_max, c_max = traces or (1.0, 1.0)
 
   def loss(pl):
     # Returns are computed inside the differentiated function, as a trainer
     # would: they must contribute no gradient.
-    g = losses.soft_lambda_returns(
-        d["r"],
-        d["v"],
-        pl,
-        d["rl"],
-        d["mask"],
-        beta=beta,
-        lam=lam,
-        behaviour_logprobs=bl,
-        rho_max=rho_max,
-        c_max=c_max,
+    g = traced_returns(
+        d["r"], d["v"], pl, d["rl"], d["mask"], d["bl"], beta=beta, lam=lam, traces=traces
     )
     return losses.dqo_q_loss(
         pl, d["rl"], d["v"], d["r"], g, d["mask"], beta=beta, lam=lam, normalize=normalize
@@ -492,20 +465,7 @@ def tiny_losses(m, w_pi, w_v, *, traces, normalize="token", beta=0.3, lam=0.9):
   pl = losses.token_logprobs(m["x"] @ w_pi, m["targets"])
   rl = losses.token_logprobs(m["x"] @ m["w_ref"], m["targets"])
   v = m["x"] @ w_v
-  bl = None if traces is None else m["bl"]
-  rho_max, c_max = traces or (1.0, 1.0)
-  g = losses.soft_lambda_returns(
-      m["r"],
-      v,
-      pl,
-      rl,
-      m["mask"],
-      beta=beta,
-      lam=lam,
-      behaviour_logprobs=bl,
-      rho_max=rho_max,
-      c_max=c_max,
-  )
+  g = traced_returns(m["r"], v, pl, rl, m["mask"], m["bl"], beta=beta, lam=lam, traces=traces)
   l_v = losses.dqo_value_loss(v, g, m["mask"], normalize=normalize)
   l_q = losses.dqo_q_loss(pl, rl, v, m["r"], g, m["mask"], beta=beta, lam=lam, normalize=normalize)
   return l_v, l_q

@@ -23,6 +23,20 @@ def _setup():
   return model, params, prompt, mask
 
 
+def _greedy(model, params, prompt, mask, n):
+  return generate(
+      model,
+      params,
+      prompt,
+      mask,
+      jax.random.key(1),
+      max_new_tokens=n,
+      eos_id=EOS,
+      pad_id=PAD,
+      greedy=True,
+  )
+
+
 def _naive_greedy(model, params, prompt, mask, n):
   toks, m = prompt, mask
   out = []
@@ -37,17 +51,7 @@ def _naive_greedy(model, params, prompt, mask, n):
 
 def test_greedy_matches_naive_decoding_until_eos():
   model, params, prompt, mask = _setup()
-  s = generate(
-      model,
-      params,
-      prompt,
-      mask,
-      jax.random.key(1),
-      max_new_tokens=8,
-      eos_id=EOS,
-      pad_id=PAD,
-      greedy=True,
-  )
+  s = _greedy(model, params, prompt, mask, 8)
   naive = _naive_greedy(model, params, prompt, mask, 8)
   for i in range(2):
     length = int(s.lengths[i])
@@ -61,19 +65,8 @@ def test_greedy_matches_naive_decoding_until_eos():
 def test_eos_stops_a_row_and_pads_after():
   model, params, prompt, mask = _setup()
   # Make EOS the argmax everywhere by biasing its embedding row with the tied head.
-  params = jax.tree.map(lambda x: x, params)
   params["embed"] = params["embed"].at[EOS].mul(50.0)
-  s = generate(
-      model,
-      params,
-      prompt,
-      mask,
-      jax.random.key(1),
-      max_new_tokens=6,
-      eos_id=EOS,
-      pad_id=PAD,
-      greedy=True,
-  )
+  s = _greedy(model, params, prompt, mask, 6)
   naive = _naive_greedy(model, params, prompt, mask, 6)
   first = [list(r).index(EOS) if EOS in r else None for r in naive]
   assert any(f is not None for f in first), "the bias should make some row emit EOS"
