@@ -61,11 +61,14 @@ class Context:
     tx = make_optimizer(self.config.sft.optimizer, self.config.sft.steps)
     return lambda rng: TrainState.create(self.init_params(self.policy_model, rng), tx), tx
 
+  def sft_abstract_state(self):
+    init_fn, _ = self.sft_init_fn()
+    return abstract_state(init_fn, self.mesh, self.rules)[0]
+
   def sft_params(self):
     """The SFT policy: the reference policy and DQO's starting point."""
-    init_fn, _ = self.sft_init_fn()
-    abstract, _ = abstract_state(init_fn, self.mesh, self.rules)
-    return restore_params(os.path.join(self.workdir, "sft", "checkpoints"), abstract).params
+    checkpoints = os.path.join(self.workdir, "sft", "checkpoints")
+    return restore_params(checkpoints, self.sft_abstract_state()).params
 
   def value_params_from(self, policy_params, rng):
     """The value model: the policy's trunk with a fresh (zero) scalar head, boxed."""

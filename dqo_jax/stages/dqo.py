@@ -41,7 +41,9 @@ def dqo_init_fn(ctx: Context):
 def dqo_policy_params(ctx: Context):
   """The trained DQO policy, read from the stage's newest checkpoint."""
   init_fn, _, _ = dqo_init_fn(ctx)
-  abstract, _ = abstract_state(init_fn, ctx.mesh, ctx.rules, (ctx.sft_params(),))
+  # Shapes suffice to describe the state: no need to read the SFT checkpoint again.
+  sft_shapes = ctx.sft_abstract_state().params
+  abstract, _ = abstract_state(init_fn, ctx.mesh, ctx.rules, (sft_shapes,))
   return restore_params(os.path.join(ctx.workdir, "dqo", "checkpoints"), abstract).policy.params
 
 
