@@ -195,6 +195,28 @@ def next_values(values: Array, mask: Array) -> Array:
   return jnp.where(valid, _shift_left(v), 0.0)
 
 
+def potential_shaping(potentials: Array, mask: Array, *, alpha: float) -> Array:
+  """Potential-based shaping rewards (Ng, Harada and Russell 1999) from Phi(s_t).
+
+    F_t = alpha * (Phi(s_{t+1}) - Phi(s_t)),   Phi(terminal) = 0
+
+  The terms telescope to -alpha * Phi(s_0) per response, so the optimal policy is unchanged.
+
+  Args:
+    potentials: [B, T] Phi(s_t), e.g. the Monte-Carlo success rate of the prefix before a_t.
+    mask: [B, T] 1 on valid tokens (a prefix of ones per row).
+    alpha: shaping weight.
+
+  Returns:
+    [B, T] F_t, 0 on padding; add it to r_t.
+  """
+  chex.assert_rank([potentials, mask], 2)
+  chex.assert_equal_shape([potentials, mask])
+  valid = _valid(mask)
+  phi = _masked(potentials, valid, _compute_dtype(potentials))
+  return jnp.where(valid, alpha * (next_values(phi, valid) - phi), 0.0)
+
+
 def soft_lambda_returns(
     rewards: Array,
     values: Array,

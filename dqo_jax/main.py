@@ -1,9 +1,10 @@
 """The pipeline: `python -m dqo_jax.main --config=configs/arith.py --workdir=DIR`.
 
-Runs the stages named in `config.stages` in order (sft, sample, dqo, eval). Each writes under
-DIR/<stage>/ and ends by writing DIR/<stage>/DONE.json; a stage with that file is skipped, and a
-training stage that was interrupted resumes from its last checkpoint. Config values are
-overridden on the command line, e.g. `--config.dqo.beta=0.05`.
+Runs the stages named in `config.stages` in order (sft, sample, rollouts, train, eval). Each
+writes under its own directory (DIR/<stage>/; DIR/<run name>/ and DIR/eval/<run name>/ for the
+method in `config.method`) and ends by writing DONE.json there; a stage with that file is
+skipped, and a training stage that was interrupted resumes from its last checkpoint. Config
+values are overridden on the command line, e.g. `--config.method=dpo --config.dqo.beta=0.05`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
+from dqo_jax.errors import UserError
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
 
 
 def check_workdir(workdir: str) -> str:
@@ -35,17 +38,16 @@ def check_workdir(workdir: str) -> str:
   return workdir
 
 
-class UserError(Exception):
-  """Bad input: reported as one line, without a traceback."""
-
-
 def check_config(config) -> list[str]:
   from dqo_jax.stages.context import STAGES
+  from dqo_jax.stages.train import METHODS
 
   stages = [s.strip() for s in config.stages.split(",") if s.strip()]
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise UserError(f"config.stages names unknown stage(s) {unknown}; choose from {list(STAGES)}")
+  if config.method not in METHODS:
+    raise UserError(f"config.method={config.method!r}; choose from {', '.join(METHODS)}")
   d = config.dqo
   if d.importance_traces and d.c_max > d.rho_max:
     raise UserError(
@@ -53,10 +55,12 @@ def check_config(config) -> list[str]:
     )
   if d.loss_norm not in ("token", "sequence"):
     raise UserError(f"config.dqo.loss_norm={d.loss_norm!r}; use 'token' or 'sequence'")
-  if not 0 <= d.value_warmup_steps < d.steps:
+  if not 0 <= d.value_warmup_steps < config.train.steps:
     raise UserError(
-        f"config.dqo.value_warmup_steps={d.value_warmup_steps} must lie in [0, dqo.steps)"
+        f"config.dqo.value_warmup_steps={d.value_warmup_steps} must lie in [0, train.steps)"
     )
+  if d.process.enabled and d.process.rollouts_per_step < 1:
+    raise UserError("config.dqo.process.rollouts_per_step must be at least 1")
   if not 0.0 <= d.lam <= 1.0:
     raise UserError(f"config.dqo.lam={d.lam} must lie in [0, 1]")
   if config.eval.every % config.log_every:
@@ -94,10 +98,16 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def run_pipeline(config, workdir: str) -> dict:
   from dqo_jax.metrics import write_json_atomic
-  from dqo_jax.stages import dqo, evaluate, sample, sft
-  from dqo_jax.stages.context import build_context
+  from dqo_jax.stages import evaluate, rollouts, sample, sft, train
+  from dqo_jax.stages.context import build_context, stage_output
 
-  runners = {"sft": sft.run, "sample": sample.run, "dqo": dqo.run, "eval": evaluate.run}
+  runners = {
+      "sft": sft.run,
+      "sample": sample.run,
+      "rollouts": rollouts.run,
+      "train": train.run,
+      "eval": evaluate.run,
+  }
 
   stages = check_config(config)
   workdir = check_workdir(workdir)
@@ -105,7 +115,8 @@ def run_pipeline(config, workdir: str) -> dict:
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(config_file):
     with open(config_file) as f:
-      changed = config_changes(json.load(f), current)
+      # Switching the method is how one workdir hosts several; it leaves finished stages alone.
+      changed = [c for c in config_changes(json.load(f), current) if not c.startswith("method:")]
     if changed:
       # Finished stages are skipped whatever the config says: make that visible.
       print(
@@ -120,16 +131,21 @@ def run_pipeline(config, workdir: str) -> dict:
       f"(mesh {dict(ctx.mesh.shape)}), workdir {workdir}"
   )
   timings = {}
+  needs_rollouts = config.method == "dqo" and config.dqo.process.enabled
   for stage in stages:
-    done_file = os.path.join(workdir, stage, "DONE.json")
+    label = stage_output(config, stage)
+    if stage == "rollouts" and not needs_rollouts:
+      print(f"[{label}] not needed (method {config.method}, dqo.process.enabled=False); skipped")
+      continue
+    done_file = os.path.join(workdir, label, "DONE.json")
     if os.path.exists(done_file):
-      print(f"[{stage}] already complete ({done_file}); skipped")
+      print(f"[{label}] already complete ({done_file}); skipped")
       continue
     t0 = time.time()
     summary = runners[stage](ctx)
     timings[stage] = round(time.time() - t0, 1)
     write_json_atomic(done_file, dict(summary=summary, seconds=timings[stage]))
-    print(f"[{stage}] done in {timings[stage]:.0f}s: {describe(summary)}")
+    print(f"[{label}] done in {timings[stage]:.0f}s: {describe(summary)}")
   results_file = os.path.join(workdir, "results.json")
   if os.path.exists(results_file):
     with open(results_file) as f:
@@ -146,11 +162,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from dqo_jax.train.loop import Interrupted
 
-  config = _CONFIG.value
-  if config is None or not _WORKDIR.value:
+  config = CONFIG.value
+  if config is None or not WORKDIR.value:
     raise app.UsageError("both --config=FILE and --workdir=DIR are required")
   try:
-    run_pipeline(config, _WORKDIR.value)
+    run_pipeline(config, WORKDIR.value)
   except Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(130)
@@ -177,7 +193,7 @@ def parse_flags(argv):
   """absl's parser, with a bad config file or override reported as one line."""
   try:
     argv = flags.FLAGS(argv)
-    _CONFIG.value.keys()  # a config file that failed to load raises on first use
+    CONFIG.value.keys()  # a config file that failed to load raises on first use
     return argv
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     print(f"error: {_one_line(e)} (check --config and its --config.* overrides)", file=sys.stderr)

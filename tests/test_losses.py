@@ -681,3 +681,33 @@ def test_vmap_over_stacked_batches():
     single = per_batch(d, lams[i])
     for got, want in zip(batched, single):
       np.testing.assert_allclose(got[i], want, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Process supervision: potential-based shaping.
+
+
+@_settings
+@given(batches(), st.floats(0.0, 3.0))
+def test_potential_shaping_matches_reference_and_telescopes(d, alpha):
+  mask = losses.mask_from_lengths(jnp.asarray(d["lengths"]), d["T"])
+  phi = d["v"]  # any [B, T] array serves as potentials; padding holds garbage
+  got = np.asarray(losses.potential_shaping(phi, mask, alpha=alpha))
+  assert got.dtype == np.float64
+  for b, length in enumerate(d["lengths"]):
+    p = [float(x) for x in phi[b][:length]] + [0.0]  # Phi(terminal) = 0
+    want = [alpha * (p[t + 1] - p[t]) for t in range(length)] + [0.0] * (d["T"] - length)
+    np.testing.assert_allclose(got[b], want, rtol=TOL, atol=TOL)
+    if length:  # the shaping of a response sums to -alpha * Phi(s_0)
+      np.testing.assert_allclose(got[b].sum(), -alpha * p[0], rtol=1e-7, atol=1e-7)
+
+
+def test_shaping_leaves_the_monte_carlo_advantage_at_phi_when_v_is_zero():
+  """lambda = 1, V = 0: G_t = R - alpha Phi(s_t) - beta sum_{k>=t} l_k, the shaped return."""
+  phi = jnp.array([[0.2, 0.2, 0.6, 0.6, 0.0]])
+  mask = jnp.array([[1.0, 1.0, 1.0, 1.0, 0.0]])
+  r = losses.place_outcome_rewards(jnp.array([1.0]), jnp.array([4]), 5)
+  r = r + losses.potential_shaping(phi, mask, alpha=1.0)
+  zeros = jnp.zeros((1, 5))
+  g = losses.soft_lambda_returns(r, zeros, zeros, zeros, mask, beta=0.1, lam=1.0)
+  np.testing.assert_allclose(np.asarray(g[0]), [0.8, 0.8, 0.4, 0.4, 0.0], atol=1e-12)

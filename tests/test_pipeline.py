@@ -40,10 +40,14 @@ def finished(tmp_path_factory):
   return workdir, proc
 
 
+STAGE_DIRS = ("sft", "sample", "dqo", "eval/dqo")
+
+
 def test_every_stage_writes_its_outputs(finished):
   workdir, proc = finished
-  for stage in ("sft", "sample", "dqo", "eval"):
+  for stage in STAGE_DIRS:
     assert os.path.exists(workdir / stage / "DONE.json"), stage
+  assert not os.path.exists(workdir / "rollouts"), "rollouts are only for process supervision"
   for stage in ("sft", "dqo"):
     steps = [d for d in os.listdir(workdir / stage / "checkpoints") if d.isdigit()]
     assert str({"sft": 20, "dqo": 10}[stage]) in steps
@@ -65,7 +69,7 @@ def test_rerun_skips_finished_stages(finished):
   workdir, _ = finished
   proc = _run(workdir)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  for stage in ("sft", "sample", "dqo", "eval"):
+  for stage in STAGE_DIRS:
     assert f"[{stage}] already complete" in proc.stdout
 
 
@@ -114,6 +118,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
         ("--config.dqo.betaa=1", "unknown config key"),
         ("--config.dqo.beta=abc", "could not convert string to float"),
         ("--config.stages=sft,rl", "unknown stage"),
+        ("--config.method=ppo", "choose from sft, rft, dpo, kto, dro, dqo"),
     ],
 )
 def test_bad_config_gets_one_line_error(tmp_path, override, expected):
@@ -139,3 +144,62 @@ def test_rerun_with_another_config_warns_that_finished_stages_are_kept(finished)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "config differs" in proc.stdout and "dqo.beta: 0.5 -> 0.25" in proc.stdout
   assert "[dqo] already complete" in proc.stdout
+
+
+def test_other_methods_reuse_the_workdirs_sft_model_and_samples(finished):
+  """--config.method switches the trained method; SFT and samples are not recomputed. The tiny
+  SFT model solves nothing, so DPO finds no pairs and says so in one line."""
+  workdir, _ = finished
+  proc = _run(workdir, "--config.method=kto")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "[sft] already complete" in proc.stdout and "[sample] already complete" in proc.stdout
+  assert "[rollouts] not needed" in proc.stdout and "method: dqo -> kto" not in proc.stdout
+  assert os.path.exists(workdir / "kto" / "DONE.json")
+  results = json.loads((workdir / "results.json").read_text())
+  assert set(results) == {"sft", "dqo", "kto"}
+  proc = _run(workdir, "--config.method=dpo")
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: no prompt has both a correct and an incorrect sample: DPO has no pairs; "
+      "sample more responses per prompt (sample.samples_per_prompt)"
+  )
+
+
+def test_process_supervision_rolls_out_every_step_once(finished):
+  workdir, _ = finished
+  proc = _run(workdir, "--config.dqo.process.enabled=True")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = read_records(str(workdir / "sample" / "samples.array_record"))
+  potentials = read_records(str(workdir / "rollouts" / "potentials.array_record"), "rollouts")
+  assert len(potentials) == len(records)
+  for r, p in zip(records, potentials):
+    assert len(p["potentials"]) == len(p["boundaries"]) + 1
+    assert all(r["response"][b] == 4 for b in p["boundaries"])  # 4: the newline piece
+    assert all(0.0 <= x <= 1.0 for x in p["potentials"])
+  summary = json.loads((workdir / "rollouts" / "DONE.json").read_text())["summary"]
+  assert summary["rollouts"] == 2 * summary["prefixes"]  # rollouts_per_step=2 in :tiny
+  assert os.path.exists(workdir / "dqo_ps" / "DONE.json")
+  assert "dqo_ps" in json.loads((workdir / "results.json").read_text())
+
+
+def test_compare_trains_each_method_on_the_shared_base(tmp_path):
+  cmd = [
+      sys.executable,
+      "-m",
+      "dqo_jax.compare",
+      "--config=configs/arith.py:tiny",
+      f"--workdir={tmp_path}",
+      "--methods=sft,dro",
+      "--seeds=2",
+      "--parallel=2",
+  ]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
+  assert set(summary) == {"sft", "dro"} and all(r["seeds"] == 2 for r in summary.values())
+  for run in ("sft/seed0", "sft/seed1", "dro/seed0", "dro/seed1"):
+    assert os.path.islink(tmp_path / "runs" / run / "sft")  # one SFT model for every run
+  table = (tmp_path / "compare.md").read_text()
+  assert "| SFT checkpoint (start) |" in table and "| dro | 2 |" in table
+  assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"

@@ -31,12 +31,12 @@ FIELDS = (
 )
 
 
-def write_records(path: str, records: list[dict]) -> None:
+def write_records(path: str, records: list[dict], fields=FIELDS) -> None:
   """Writes atomically: a reader never sees a half-written file."""
   tmp = path + ".tmp"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   for rec in records:
-    missing = set(FIELDS) - rec.keys()
+    missing = set(fields) - rec.keys()
     if missing:
       raise ValueError(f"offline record lacks {sorted(missing)}")
     writer.write(json.dumps(rec).encode())
@@ -44,9 +44,9 @@ def write_records(path: str, records: list[dict]) -> None:
   os.replace(tmp, path)
 
 
-def read_records(path: str) -> list[dict]:
+def read_records(path: str, stage: str = "sample") -> list[dict]:
   if not os.path.exists(path):
-    raise FileNotFoundError(f"offline dataset {path} not found: run the 'sample' stage first")
+    raise FileNotFoundError(f"{path} not found: run the {stage!r} stage first")
   reader = array_record_module.ArrayRecordReader(path)
   try:
     return [json.loads(r) for r in reader.read_all()]

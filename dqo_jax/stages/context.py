@@ -19,7 +19,26 @@ from dqo_jax.tokenizer import Tokenizer, load_or_train_tokenizer
 from dqo_jax.train.loop import abstract_state
 from dqo_jax.train.state import TrainState, make_optimizer
 
-STAGES = ("sft", "sample", "dqo", "eval")
+STAGES = ("sft", "sample", "rollouts", "train", "eval")
+
+
+def run_name(config) -> str:
+  """The directory and results key of a method's run; the SFT checkpoint itself is 'sft'."""
+  if config.method == "sft":
+    return "sft_continued"
+  if config.method == "dqo" and config.dqo.process.enabled:
+    return "dqo_ps"
+  return config.method
+
+
+def stage_output(config, stage: str) -> str:
+  """Where a stage writes, relative to the workdir: one directory per method for `train` and
+  `eval`, so several methods share one workdir, its SFT checkpoint and its samples."""
+  if stage == "train":
+    return run_name(config)
+  if stage == "eval":
+    return os.path.join("eval", run_name(config))
+  return stage
 
 
 @dataclasses.dataclass

@@ -23,8 +23,10 @@ from dqo_jax.train.forward import response_logprobs
 SAMPLES_FILE = "samples.array_record"
 
 
-def reference_logprobs(ctx: Context, params, prompt, prompt_mask, samples, batch_size: int):
-  """log pi_ref of every sampled token, [N, R], with the training code's forward pass."""
+def reference_logprobs(
+    ctx: Context, params, prompt, prompt_mask, response, response_len, batch_size: int
+):
+  """log pi_ref of every response token, [N, R], with the training code's forward pass."""
   fn = jax.jit(lambda p, b: response_logprobs(ctx.policy_model, p, b))
   batch_sh = sharding.batch_sharding(ctx.mesh)
   n, out = prompt.shape[0], []
@@ -33,8 +35,8 @@ def reference_logprobs(ctx: Context, params, prompt, prompt_mask, samples, batch
     batch = dict(
         prompt=prompt[idx],
         prompt_mask=prompt_mask[idx],
-        response=samples.tokens[idx],
-        response_len=samples.lengths[idx],
+        response=response[idx],
+        response_len=response_len[idx],
     )
     out.append(
         np.asarray(fn(params, jax.device_put(batch, batch_sh)))[: min(batch_size, n - start)]
@@ -68,7 +70,9 @@ def run(ctx: Context) -> dict:
   texts, grades, reward = grade_samples(
       cfg.data.task, tok, samples, [e["solution"] for e in examples], cfg.rewards
   )
-  ref = reference_logprobs(ctx, params, prompt, prompt_mask, samples, s.batch_size)
+  ref = reference_logprobs(
+      ctx, params, prompt, prompt_mask, samples.tokens, samples.lengths, s.batch_size
+  )
   records = []
   for i, ex in enumerate(examples):
     length, pmask = int(samples.lengths[i]), prompt_mask[i].astype(bool)

@@ -8,7 +8,7 @@ from dqo_jax.data.batches import batch_indices, take
 from dqo_jax.stages.context import Context
 from dqo_jax.stages.monitor import accuracy_monitor
 from dqo_jax.train.loop import fit
-from dqo_jax.train.sft_step import make_sft_step
+from dqo_jax.train.policy_step import make_sft_step
 
 BATCH_KEYS = ("prompt", "prompt_mask", "response", "response_len")
 

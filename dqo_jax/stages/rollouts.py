@@ -1,0 +1,119 @@
+"""Stage `rollouts`: Monte-Carlo estimates of the reference policy's success from every reasoning
+step of every offline sample, for DQO's process supervision (dqo-method.md).
+
+A step ends at a token holding `dqo.process.delimiter`. From the bare prompt (p_0) and from each
+prefix ending at a delimiter (p_j), `rollouts_per_step` completions are sampled from pi_ref with
+the sample stage's temperature and length limit and verified; p_j is the fraction correct.
+Identical prefixes (every sample of a prompt shares p_0, and often its first steps) are rolled
+out once. Written once per workdir, beside the offline dataset, and reused by every DQO run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from dqo_jax import rewards
+from dqo_jax.data.batches import left_pad
+from dqo_jax.data.offline import read_records, write_records
+from dqo_jax.data.views import is_success
+from dqo_jax.generation import generate_all
+from dqo_jax.sampler import FINISH_EOS
+from dqo_jax.stages.context import Context
+from dqo_jax.stages.sample import SAMPLES_FILE
+
+POTENTIALS_FILE = "potentials.array_record"
+FIELDS = ("boundaries", "potentials")
+
+
+def step_boundaries(response: list[int], is_delimiter) -> list[int]:
+  """Indices b_j of the delimiter tokens that end a step, the last token excluded (the state
+  after it is terminal, so it needs no estimate)."""
+  return [t for t, tok in enumerate(response[:-1]) if is_delimiter(tok)]
+
+
+def delimiter_test(tok, delimiter: str):
+  """tok_id -> whether the token's text contains the delimiter (cached per id)."""
+  cache = {}
+
+  def is_delimiter(i: int) -> bool:
+    if i not in cache:
+      cache[i] = delimiter in tok.decode([i])
+    return cache[i]
+
+  return is_delimiter
+
+
+def read_potentials(ctx: Context) -> list[dict]:
+  return read_records(os.path.join(ctx.workdir, "rollouts", POTENTIALS_FILE), stage="rollouts")
+
+
+def run(ctx: Context) -> dict:
+  cfg, tok = ctx.config, ctx.tokenizer
+  ps, data = cfg.dqo.process, cfg.data
+  records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE))
+  is_delimiter = delimiter_test(tok, ps.delimiter)
+  boundaries = [step_boundaries(r["response"], is_delimiter) for r in records]
+
+  # Every distinct prefix: (prompt index, response tokens up to and including b_j).
+  prefix_id, prefixes = {}, []
+  for r, bs in zip(records, boundaries):
+    for end in [0] + [b + 1 for b in bs]:
+      key = (r["prompt_index"], tuple(r["response"][:end]))
+      if key not in prefix_id:
+        prefix_id[key] = len(prefixes)
+        prefixes.append((r, end))
+
+  m = int(ps.rollouts_per_step)
+  rows = np.repeat(np.arange(len(prefixes)), m)
+  tokens, mask = left_pad(
+      [r["prompt"] + r["response"][:end] for r, end in prefixes],
+      data.max_prompt_len + data.max_response_len,
+      tok.pad_id,
+  )
+  samples = generate_all(
+      ctx.policy_model,
+      ctx.sft_params(),
+      tokens[rows],
+      mask[rows],
+      jax.random.key(cfg.seed + 4),
+      tok=tok,
+      mesh=ctx.mesh,
+      batch_size=ps.batch_size,
+      max_new_tokens=data.max_response_len,
+      temperature=cfg.sample.temperature,
+      desc=f"rollouts {m} x {len(prefixes)} prefixes",
+  )
+  texts, references, fits = [], [], []
+  for j, row in enumerate(rows):
+    r, end = prefixes[row]
+    completion = samples.tokens[j, : samples.lengths[j]].tolist()
+    # The same length limit as the offline samples: prefix and completion together.
+    fits.append(samples.finish[j] == FINISH_EOS and end + len(completion) <= data.max_response_len)
+    texts.append(tok.decode(r["response"][:end] + completion))
+    references.append(ctx.train.examples[r["prompt_index"]]["solution"])
+  grades = rewards.grade_batch(data.task, texts, references)
+  success = np.array([g.correct and ok for g, ok in zip(grades, fits)], np.float32)
+  p = success.reshape(len(prefixes), m).mean(1)
+
+  out = []
+  for r, bs in zip(records, boundaries):
+    ends = [0] + [b + 1 for b in bs]
+    potentials = [float(p[prefix_id[(r["prompt_index"], tuple(r["response"][:e]))]]) for e in ends]
+    out.append(dict(boundaries=bs, potentials=potentials))
+  write_records(os.path.join(ctx.stage_dir("rollouts"), POTENTIALS_FILE), out, FIELDS)
+
+  # A check that the estimates carry signal: the last step of a correct sample should predict
+  # success more often than the last step of an incorrect one.
+  last = np.array([o["potentials"][-1] for o in out])
+  ok = np.array([is_success(r) for r in records])
+  return dict(
+      prefixes=len(prefixes),
+      rollouts=len(rows),
+      steps_per_sample=float(np.mean([len(b) for b in boundaries])),
+      mean_p0=float(np.mean([o["potentials"][0] for o in out])),
+      last_step_p_correct=float(last[ok].mean()) if ok.any() else None,
+      last_step_p_incorrect=float(last[~ok].mean()) if (~ok).any() else None,
+  )

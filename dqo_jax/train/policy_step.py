@@ -1,0 +1,72 @@
+"""Train steps that update the policy alone: SFT, RFT, DPO and KTO.
+
+`make_policy_step(model, tx, objective)` differentiates `objective(logp, batch)`, where `logp` is
+log pi_theta(a_t|s_t) for every response token of the batch, [B, R]; the objectives below say
+how each method lays out its batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from dqo_jax import bandit_losses
+from dqo_jax.losses import sequence_nll
+from dqo_jax.model import Transformer
+from dqo_jax.train.forward import response_logprobs, response_mask
+from dqo_jax.train.state import TrainState
+
+
+def make_policy_step(model: Transformer, tx: optax.GradientTransformation, objective):
+  """(state, batch) -> (state, metrics); objective(logp [B, R], batch) -> (loss, metrics)."""
+
+  def step(state: TrainState, batch):
+    loss_fn = lambda p: objective(response_logprobs(model, p, batch), batch)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), **metrics)
+    return state.apply_gradients(grads, tx), metrics
+
+  return step
+
+
+def nll_objective(logp, batch):
+  """SFT and RFT: negative log-likelihood of the response tokens."""
+  return sequence_nll(logp, response_mask(batch)), {}
+
+
+def _halves(x):
+  n = x.shape[0] // 2
+  return x[:n], x[n:]
+
+
+def _logratio(logp, batch):
+  return bandit_losses.sequence_logratio(logp, batch["ref_logprobs"], response_mask(batch))
+
+
+def dpo_objective(beta: float):
+  """Batch: P chosen responses followed by their P rejected partners ([2P, R])."""
+
+  def objective(logp, batch):
+    chosen, rejected = _halves(_logratio(logp, batch))
+    return bandit_losses.dpo_loss(chosen, rejected, beta=beta)
+
+  return objective
+
+
+def kto_objective(beta: float, lambda_d: float, lambda_u: float):
+  """Batch: B samples followed by the same B prompts paired with responses of other prompts
+  ([2B, R]); the second half only estimates z0 (not back-propagated)."""
+
+  def objective(logp, batch):
+    matched, mismatched = _halves(_logratio(logp, batch))
+    correct, _ = _halves(batch["correct"])
+    z0 = bandit_losses.kto_z0(mismatched)
+    return bandit_losses.kto_loss(
+        matched, correct.astype(bool), z0, beta=beta, lambda_d=lambda_d, lambda_u=lambda_u
+    )
+
+  return objective
+
+
+def make_sft_step(model: Transformer, tx: optax.GradientTransformation):
+  return make_policy_step(model, tx, nll_objective)
