@@ -16,6 +16,11 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# UserError lives in its own module so that library code (data loading) can raise it: under
+# `python -m dqo_jax.main` this file runs as `__main__`, and importing it again would define the
+# flags twice. Imported here, it stays `dqo_jax.main.UserError` as before.
+from dqo_jax.errors import UserError
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
 
@@ -33,10 +38,6 @@ def check_workdir(workdir: str) -> str:
         f"--workdir={workdir} is not writable ({e.strerror}); pass a directory you " "can write to"
     )
   return workdir
-
-
-class UserError(Exception):
-  """Bad input: reported as one line, without a traceback."""
 
 
 def check_config(config) -> list[str]:
