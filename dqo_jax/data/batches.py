@@ -83,7 +83,8 @@ def encode_examples(
       prompt_mask=prompt_mask,
       response=response,
       response_len=response_len,
-      num_steps=np.array([ex["num_steps"] for ex in kept], np.int32),
+      # The group evaluation reports accuracy by (optional; 0 when absent).
+      num_steps=np.array([ex.get("num_steps", 0) for ex in kept], np.int32),
   )
   return Encoded(arrays, kept, len(examples) - len(kept))
 
