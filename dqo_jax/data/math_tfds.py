@@ -3,8 +3,9 @@
 MATH is never downloaded or shipped by this project (see docs/data.md for where to get it).
 `local_dir` holds each split in one of two layouts, chosen per split:
 
-- `DIR/<split>.jsonl`: MATH-500 style, one object per line with `problem`, `solution`, `answer`,
-  `subject`, `level` (1-5) and `unique_id` (e.g. "test/algebra/1234.json");
+- `DIR/<split>.jsonl`: MATH-500 style (openai/prm800k's math_splits), one object per line with
+  `problem`, `solution`, `answer`, `subject`, `level` (1-5) and `unique_id`
+  (e.g. "test/algebra/1234.json");
 - `DIR/<split>/<subject>/<id>.json`: the original Hendrycks release, one object per file with
   `problem`, `level` ("Level 3"), `type` ("Algebra") and `solution`.
 
@@ -30,8 +31,9 @@ __all__ = ["MathLocal", "load_math", "parse_level", "split_files"]
 
 SPLITS = ("train", "test")
 WHERE = (
-    "MATH is not downloaded for you: get it from https://github.com/hendrycks/math (or MATH-500 "
-    "from https://huggingface.co/datasets/HuggingFaceH4/MATH-500); see docs/data.md"
+    "MATH is not downloaded for you: get the original release from https://github.com/hendrycks/math"
+    " or the 12,000/500 MATH-500 split as jsonl from https://github.com/openai/prm800k "
+    "(prm800k/math_splits); see docs/data.md"
 )
 
 
