@@ -15,6 +15,7 @@ after it), plus, in `Gsm8kLocal`, `final_answer`: the short answer without thous
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -125,6 +126,7 @@ class Gsm8kLocal(tfds.core.GeneratorBasedBuilder):
         )
 
 
+@functools.cache
 def _download_builder_cls():
   """TFDS's own `gsm8k` builder, with the code_path workaround of `Gsm8kLocal`."""
   from tensorflow_datasets.text.gsm8k import gsm8k
