@@ -6,20 +6,17 @@
 No downloads: the problems are generated, the tokenizer is trained on them on first use.
 """
 
+import os
+import runpy
+import types
+
 import ml_collections
 
-
-def optimizer(lr, warmup_steps, *, weight_decay=0.0):
-  return ml_collections.ConfigDict(
-      dict(
-          lr=lr,
-          warmup_steps=warmup_steps,
-          end_lr_fraction=0.1,
-          weight_decay=weight_decay,
-          grad_clip=1.0,
-          b2=0.98,
-      )
-  )
+# The shared parts, loaded by path: config files are run by path, not imported as a package.
+common = types.SimpleNamespace(
+    **runpy.run_path(os.path.join(os.path.dirname(__file__), "common.py"))
+)
+optimizer = common.optimizer
 
 
 def get_config(arg: str = ""):
@@ -76,42 +73,9 @@ def get_config(arg: str = ""):
   # Rewards of a verified response; a response cut at the length limit counts as unparseable.
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
 
-  # The method the `train` stage runs on the offline samples: sft, rft, dpo, kto, dro or dqo.
-  # Every method starts from the SFT checkpoint and gets the same steps and batch size.
-  c.method = "dqo"
-  c.train = dict(
-      steps=400,
-      batch_size=16,  # examples per step: sequences, or (chosen, rejected) pairs for DPO
-      policy_optimizer=optimizer(1e-4, 20),
-      value_optimizer=optimizer(1e-3, 20),  # DQO's V(s) and DRO's V(x)
-  )
-
   # beta=0.5: of beta in {0.1, 0.2, 0.5, 1.0} tried on this task (seed 0, 400 steps), 0.5 and 1.0
   # came closest to SFT and 0.1 fell furthest below it; see docs/results.md.
-  c.dqo = dict(
-      beta=0.5,
-      lam=1.0,
-      importance_traces=False,
-      rho_max=1.0,
-      c_max=1.0,
-      loss_norm="token",  # "token": mean over valid tokens; "sequence": mean of per-sequence means
-      value_warmup_steps=0,  # steps at the start that update only the value model
-      # Potential-based shaping from Monte-Carlo rollouts of pi_ref at every step delimiter,
-      # computed once by the `rollouts` stage (dqo-method.md, "Process supervision").
-      process=dict(
-          enabled=False,
-          rollouts_per_step=4,
-          alpha=1.0,
-          delimiter="\n",
-          value_weight=0.0,  # > 0: also regress V onto the rollouts' estimate at boundaries
-          value_decay_steps=100,  # ... with a weight decaying linearly to 0 over these steps
-          batch_size=256,
-      ),
-  )
-  c.dpo = dict(beta=0.1, max_pairs_per_prompt=4)  # <= 0: every (correct, incorrect) pair
-  # lambda_U = 1; lambda_D = desirable_ratio * n_U / n_D, kept so lambda_D n_D / n_U in [1, 4/3]
-  c.kto = dict(beta=0.1, desirable_ratio=1.0)
-  c.dro = dict(beta=0.5)  # DQO's beta: the same KL-regularised objective, at the sequence level
+  common.add_methods(c, steps=400, batch_size=16, policy_lr=1e-4, value_lr=1e-3, beta=0.5)
 
   # every: greedy accuracy on the first monitor_examples test problems while training (0 = off)
   c.eval = dict(num_examples=-1, batch_size=250, max_new_tokens=64, every=200, monitor_examples=250)

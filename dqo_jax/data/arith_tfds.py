@@ -8,7 +8,6 @@ parameters, so differently-parameterised datasets never share a directory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,13 +16,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core.utils import tqdm_utils
 
 from dqo_jax.data import arith
+from dqo_jax.data.tfds_util import FILE_FORMAT as _FILE_FORMAT
+from dqo_jax.data.tfds_util import prepare_and_read
 
 __all__ = ["ArithParams", "ArithmeticConfig", "ArithmeticProblems", "load_arith"]
-
-_FILE_FORMAT = "array_record"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,17 +103,6 @@ class ArithmeticProblems(tfds.core.GeneratorBasedBuilder):
       yield index, dataclasses.asdict(problem)
 
 
-@contextlib.contextmanager
-def _progress_bars_disabled():
-  # TFDS only exposes a global on/off switch, so restore whatever was set.
-  previous = getattr(tqdm_utils, "_active", True)
-  tfds.display_progress_bar(False)
-  try:
-    yield
-  finally:
-    tfds.display_progress_bar(previous)
-
-
 def _decode(example: dict) -> dict:
   return {
       "question": example["question"].decode("utf-8"),
@@ -161,10 +148,4 @@ def load_arith(
       max_operand=max_operand,
       max_result=max_result,
   )
-  with _progress_bars_disabled():
-    # A no-op when the data is already prepared.
-    builder.download_and_prepare(file_format=_FILE_FORMAT)
-    return {
-        split: [_decode(example) for example in builder.as_data_source(split)]
-        for split in ("train", "test")
-    }
+  return prepare_and_read(builder, _decode, ("train", "test"))

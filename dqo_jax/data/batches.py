@@ -8,6 +8,7 @@ would turn into a false terminal state.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -15,11 +16,14 @@ from dqo_jax.tokenizer import Tokenizer
 
 
 def prompt_text(question: str) -> str:
+  """The default prompt: the question and a newline (see `dqo_jax.data.prompts` for others)."""
   return question + "\n"
 
 
-def encode_prompt(tok: Tokenizer, question: str) -> list[int]:
-  return [tok.bos_id] + tok.encode(prompt_text(question))
+def encode_prompt(
+    tok: Tokenizer, question: str, prompt_fn: Callable[[str], str] = prompt_text
+) -> list[int]:
+  return [tok.bos_id] + tok.encode(prompt_fn(question))
 
 
 def encode_response(tok: Tokenizer, solution: str) -> list[int]:
@@ -56,12 +60,18 @@ class Encoded:
 
 
 def encode_examples(
-    tok: Tokenizer, examples: list[dict], max_prompt_len: int, max_response_len: int
+    tok: Tokenizer,
+    examples: list[dict],
+    max_prompt_len: int,
+    max_response_len: int,
+    prompt_fn: Callable[[str], str] = prompt_text,
 ) -> Encoded:
-  """Encodes question/solution examples into prompt and gold-response arrays."""
+  """Encodes question/solution examples into prompt and gold-response arrays; `prompt_fn`
+  renders a question into the prompt text (`dqo_jax.data.prompts.make_renderer`)."""
   kept, prompts, responses = [], [], []
   for ex in examples:
-    p, r = encode_prompt(tok, ex["question"]), encode_response(tok, ex["solution"])
+    p = encode_prompt(tok, ex["question"], prompt_fn)
+    r = encode_response(tok, ex["solution"])
     if len(p) <= max_prompt_len and len(r) <= max_response_len:
       kept.append(ex)
       prompts.append(p)
@@ -73,7 +83,8 @@ def encode_examples(
       prompt_mask=prompt_mask,
       response=response,
       response_len=response_len,
-      num_steps=np.array([ex["num_steps"] for ex in kept], np.int32),
+      # The group evaluation reports accuracy by (optional; 0 when absent).
+      num_steps=np.array([ex.get("num_steps", 0) for ex in kept], np.int32),
   )
   return Encoded(arrays, kept, len(examples) - len(kept))
 

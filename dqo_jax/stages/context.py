@@ -12,10 +12,10 @@ import jax.numpy as jnp
 
 from dqo_jax import sharding
 from dqo_jax.checkpoint import restore_params
-from dqo_jax.data import arith_tfds
+from dqo_jax.data import prompts, tasks
 from dqo_jax.data.batches import Encoded, encode_examples
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
-from dqo_jax.tokenizer import Tokenizer, load_or_train_tokenizer
+from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train.loop import abstract_state
 from dqo_jax.train.state import TrainState, make_optimizer
 
@@ -105,27 +105,12 @@ def rebox(boxed, values):
 
 def build_context(config, workdir: str) -> Context:
   d = config.data
-  if d.task != "arith":
-    raise ValueError(f"config.data.task={d.task!r}: only 'arith' is available so far")
-  data_dir = d.dir or os.path.join(workdir, "data")
-  params = dict(
-      num_train=d.num_train,
-      num_test=d.num_test,
-      seed=d.seed,
-      min_steps=d.min_steps,
-      max_steps=d.max_steps,
-      max_operand=d.max_operand,
-      max_result=d.max_result,
-  )
-  splits = arith_tfds.load_arith(data_dir, **params)
-  tok_path = os.path.join(
-      arith_tfds.arith_builder(data_dir, **params).data_dir,
-      f"tokenizer_{config.tokenizer.vocab_size}.model",
-  )
-  texts = lambda: [t for ex in splits["train"] for t in (ex["question"], ex["solution"])]
-  tok = load_or_train_tokenizer(tok_path, texts, config.tokenizer.vocab_size)
+  tasks.check_model_path(config)
+  task = tasks.load_task(config, workdir)
+  tok = tasks.load_tokenizer(config, task)
+  render = prompts.make_renderer(config, tok, task.splits["train"])
   enc = {
-      s: encode_examples(tok, splits[s], d.max_prompt_len, d.max_response_len)
+      s: encode_examples(tok, task.splits[s], d.max_prompt_len, d.max_response_len, render)
       for s in ("train", "test")
   }
   for s, e in enc.items():

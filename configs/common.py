@@ -1,0 +1,129 @@
+"""What configs/gsm8k.py and configs/math.py share: optimizers, mesh, stages, pretrained presets.
+
+Not a config itself; the task configs load it by path (`runpy.run_path`).
+"""
+
+import ml_collections
+
+# Presets that fine-tune a pretrained model: its weights and tokenizer come from
+# --config.model.path=DIR (a local copy of the Hugging Face repository named here).
+PRETRAINED = {
+    "qwen2_7b": dict(name="Qwen2-7B", hf_repo="Qwen/Qwen2-7B", family="qwen2"),
+    "gemma_7b": dict(name="Gemma-7B", hf_repo="google/gemma-7b", family="gemma"),
+    "llama3_8b": dict(name="Llama-3-8B", hf_repo="meta-llama/Meta-Llama-3-8B", family="llama3"),
+}
+
+
+def optimizer(lr, warmup_steps, *, weight_decay=0.0):
+  return ml_collections.ConfigDict(
+      dict(
+          lr=lr,
+          warmup_steps=warmup_steps,
+          end_lr_fraction=0.1,
+          weight_decay=weight_decay,
+          grad_clip=1.0,
+          b2=0.98,
+      )
+  )
+
+
+def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
+  """The `train` stage's method and each method's section; every method starts from the SFT
+  checkpoint and gets the same steps and batch size (`c.train`)."""
+  c.method = "dqo"  # sft, rft, dpo, kto, dro or dqo
+  c.train = dict(
+      steps=steps,
+      batch_size=batch_size,  # examples per step: sequences, or (chosen, rejected) pairs for DPO
+      policy_optimizer=optimizer(policy_lr, 20),
+      value_optimizer=optimizer(value_lr, 20),  # DQO's V(s) and DRO's V(x)
+  )
+  c.dqo = dict(
+      beta=beta,
+      lam=1.0,
+      importance_traces=False,
+      rho_max=1.0,
+      c_max=1.0,
+      loss_norm="token",  # "token": mean over valid tokens; "sequence": mean of per-sequence means
+      value_warmup_steps=0,  # steps at the start that update only the value model
+      # Potential-based shaping from Monte-Carlo rollouts of pi_ref at every step delimiter,
+      # computed once by the `rollouts` stage (dqo-method.md, "Process supervision").
+      process=dict(
+          enabled=False,
+          rollouts_per_step=4,
+          alpha=1.0,
+          delimiter="\n",
+          value_weight=0.0,  # > 0: also regress V onto the rollouts' estimate at boundaries
+          value_decay_steps=100,  # ... with a weight decaying linearly to 0 over these steps
+          batch_size=256,
+      ),
+  )
+  c.dpo = dict(beta=0.1, max_pairs_per_prompt=4)  # <= 0: every (correct, incorrect) pair
+  # lambda_U = 1; lambda_D = desirable_ratio * n_U / n_D, kept so lambda_D n_D / n_U in [1, 4/3]
+  c.kto = dict(beta=0.1, desirable_ratio=1.0)
+  c.dro = dict(beta=beta)  # DQO's beta: the same KL-regularised objective, at the sequence level
+
+
+def base_config():
+  """Everything but `data`, `tokenizer` and `model`, at the scale of a pretrained 7B model."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = "sft,sample,rollouts,train,eval"  # rollouts: only for DQO + process
+  # Mesh sizes over all devices (-1 = the rest) and logical-axis -> mesh-axis rules.
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+  )
+  c.checkpoint = dict(every=200, keep=2)
+  c.log_every = 10
+  c.sft = dict(steps=1000, batch_size=64, optimizer=optimizer(1e-5, 50))
+  c.sample = dict(num_prompts=-1, samples_per_prompt=4, temperature=1.0, batch_size=64)
+  c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
+  add_methods(c, steps=1000, batch_size=64, policy_lr=1e-6, value_lr=1e-5, beta=0.1)
+  c.eval = dict(num_examples=-1, batch_size=64, max_new_tokens=512, every=200, monitor_examples=128)
+  return c
+
+
+def pretrained_model(preset: str):
+  """The `model` section of a pretrained preset: `path` is what the user must supply."""
+  return ml_collections.ConfigDict(dict(path="", dtype="bfloat16", **PRETRAINED[preset]))
+
+
+def tiny_model():
+  """A small Llama-style model trained from scratch: for CPU smoke runs."""
+  return ml_collections.ConfigDict(
+      dict(
+          d_model=32,
+          n_layers=2,
+          n_heads=2,
+          n_kv_heads=1,
+          head_dim=16,
+          d_ff=64,
+          rope_theta=10_000.0,
+          tie_embeddings=True,
+          dtype="float32",
+      )
+  )
+
+
+def tiny_schedule(c):
+  """Few steps, few prompts, data-parallel mesh: the whole pipeline in about a minute on CPU."""
+  c.mesh.update(data=-1, fsdp=1)
+  c.sft.update(steps=20, batch_size=8, optimizer=optimizer(1e-3, 5, weight_decay=0.01))
+  c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32)
+  c.train.update(
+      steps=10,
+      batch_size=8,
+      policy_optimizer=optimizer(1e-4, 2),
+      value_optimizer=optimizer(1e-3, 2),
+  )
+  c.dqo.update(beta=0.5)
+  c.dqo.process.update(rollouts_per_step=2, batch_size=64)
+  c.eval.update(batch_size=32, every=10, monitor_examples=32)
+  c.checkpoint.update(every=5)
+  c.log_every = 5

@@ -1,0 +1,74 @@
+"""GSM8K: grade-school math word problems (7,473 train / 1,319 test), answers as "#### N".
+
+    python -m dqo_jax.main --config=configs/gsm8k.py:qwen2_7b --config.model.path=DIR --workdir=W
+    python -m dqo_jax.main --config=configs/gsm8k.py:tiny --workdir=/tmp/gsm8k_tiny   # CPU, ~1 min
+
+Presets (the part after ':'):
+  qwen2_7b (the default), gemma_7b, llama3_8b: fine-tune that pretrained model, whose weights and
+      tokenizer are read from --config.model.path=DIR (required).
+  tiny: a 2-layer model and a SentencePiece tokenizer trained from scratch on a slice of the
+      real data from ../shared/data/gsm8k (next to the repository); it proves the plumbing, its
+      accuracy is near zero.
+
+Data: data.local_dir="" downloads the official files through TFDS's `gsm8k` builder on first use;
+--config.data.local_dir=DIR prepares the same splits offline from DIR/train.jsonl and
+DIR/test.jsonl. Prompt formats: data.prompt (see dqo_jax/data/prompts.py and docs/data.md).
+"""
+
+import os
+import runpy
+import types
+
+# The shared parts, loaded by path: config files are run by path, not imported as a package.
+common = types.SimpleNamespace(
+    **runpy.run_path(os.path.join(os.path.dirname(__file__), "common.py"))
+)
+
+# Where the repository's CI (and this project's machines) keep a copy of the official files.
+SHARED_GSM8K = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k")
+)
+INSTRUCTION = (
+    "Solve the math word problem step by step. Write the final answer as a number on its own "
+    "last line, in the form '#### N'."
+)
+
+
+def get_config(arg: str = ""):
+  preset = arg or "qwen2_7b"
+  c = common.base_config()
+  c.data = dict(
+      task="gsm8k",
+      dir="",  # "" = <workdir>/data; the prepared TFDS dataset (and any tokenizer) live there
+      local_dir="",  # "" = download with TFDS; else a directory with train.jsonl and test.jsonl
+      num_train=-1,  # keep the first N examples of a split (-1 = all)
+      num_test=-1,
+      max_prompt_len=320,
+      max_response_len=384,
+      prompt=dict(
+          style="zero_shot",  # or "few_shot"
+          num_shots=4,  # few_shot only
+          exemplars="builtin",  # few_shot: "builtin" (dqo_jax/data/prompts.py) or "train"
+          instruction=INSTRUCTION,
+          template="Question: {question}\nAnswer:\n",
+          chat_template="",  # "" = plain text; "model" = the tokenizer's chat template
+      ),
+  )
+  c.tokenizer = dict(vocab_size=0)  # 0: the pretrained model's own tokenizer
+  c.eval.max_new_tokens = c.data.max_response_len
+
+  if preset in common.PRETRAINED:
+    c.model = common.pretrained_model(preset)
+  elif preset == "tiny":
+    c.data.update(
+        local_dir=SHARED_GSM8K, num_train=512, num_test=32, max_prompt_len=256, max_response_len=256
+    )
+    c.tokenizer.vocab_size = 1024
+    c.model = common.tiny_model()
+    common.tiny_schedule(c)
+    c.eval.max_new_tokens = c.data.max_response_len
+  else:
+    raise ValueError(
+        f"configs/gsm8k.py: unknown preset {arg!r}; use one of {sorted(common.PRETRAINED)} or 'tiny'"
+    )
+  return c

@@ -1,0 +1,72 @@
+"""MATH: competition mathematics (Hendrycks et al.), answers in \\boxed{}; levels 1-5.
+
+    python -m dqo_jax.main --config=configs/math.py:qwen2_7b --config.data.local_dir=MATH \\
+        --config.model.path=DIR --workdir=W
+    python -m dqo_jax.main --config=configs/math.py:tiny --workdir=/tmp/math_tiny   # CPU, ~1 min
+
+MATH is never downloaded: --config.data.local_dir=DIR must hold it, each split either as
+DIR/<split>/<subject>/<id>.json (the original release) or DIR/<split>.jsonl (MATH-500 style);
+docs/data.md says where to get it. Evaluation groups accuracy by difficulty level: results.json's
+`by_steps` is per level for this task.
+
+Presets (the part after ':'):
+  qwen2_7b (the default), gemma_7b, llama3_8b: fine-tune that pretrained model, whose weights and
+      tokenizer are read from --config.model.path=DIR (required).
+  tiny: a 2-layer model and a SentencePiece tokenizer trained from scratch on the test suite's
+      made-up MATH-format fixture (tests/fixtures/math_hendrycks); it proves the plumbing only.
+"""
+
+import os
+import runpy
+import types
+
+# The shared parts, loaded by path: config files are run by path, not imported as a package.
+common = types.SimpleNamespace(
+    **runpy.run_path(os.path.join(os.path.dirname(__file__), "common.py"))
+)
+
+FIXTURE = os.path.normpath(
+    os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "math_hendrycks"
+    )
+)
+INSTRUCTION = "Solve the problem step by step. Put the final answer in \\boxed{}, simplified and in exact form."
+
+
+def get_config(arg: str = ""):
+  preset = arg or "qwen2_7b"
+  c = common.base_config()
+  c.data = dict(
+      task="math",
+      dir="",  # "" = <workdir>/data; the prepared TFDS dataset (and any tokenizer) live there
+      local_dir="",  # required: a local copy of MATH (see above)
+      num_train=-1,  # keep the first N examples of a split (-1 = all)
+      num_test=-1,
+      max_prompt_len=512,
+      max_response_len=1024,
+      prompt=dict(
+          style="zero_shot",  # or "few_shot"
+          num_shots=4,  # few_shot only
+          exemplars="builtin",  # few_shot: "builtin" (dqo_jax/data/prompts.py) or "train"
+          instruction=INSTRUCTION,
+          template="Problem: {question}\nSolution:\n",
+          chat_template="",  # "" = plain text; "model" = the tokenizer's chat template
+      ),
+  )
+  c.tokenizer = dict(vocab_size=0)  # 0: the pretrained model's own tokenizer
+  c.eval.max_new_tokens = c.data.max_response_len
+
+  if preset in common.PRETRAINED:
+    c.model = common.pretrained_model(preset)
+  elif preset == "tiny":
+    c.data.update(local_dir=FIXTURE, max_prompt_len=128, max_response_len=96)
+    c.tokenizer.vocab_size = 256
+    c.model = common.tiny_model()
+    common.tiny_schedule(c)
+    c.sample.update(num_prompts=16, batch_size=16)
+    c.eval.update(batch_size=8, monitor_examples=8, max_new_tokens=c.data.max_response_len)
+  else:
+    raise ValueError(
+        f"configs/math.py: unknown preset {arg!r}; use one of {sorted(common.PRETRAINED)} or 'tiny'"
+    )
+  return c
