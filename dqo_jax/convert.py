@@ -325,6 +325,23 @@ def load_ours(
   return cfg, rebox(boxed, params)
 
 
+def load_pretrained_params(
+    path: str | os.PathLike,
+    mesh: Mesh | None = None,
+    rules=(),
+    *,
+    dtype="float32",
+    compute_dtype: str = "float32",
+) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, boxed parameters placed by `rules` on `mesh`) from a Hugging Face directory
+  or one written by `python -m dqo_jax.convert --from_hf`; what `config.model.path` names."""
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, OUR_CONFIG)):
+    cfg, params = load_ours(path, mesh, rules, dtype=dtype)
+    return ModelConfig.from_json(cfg.to_json() | {"dtype": compute_dtype}), params
+  return import_hf(path, mesh, rules, dtype=dtype, compute_dtype=compute_dtype)
+
+
 def load_pretrained(
     path: str | os.PathLike,
     mesh: Mesh | None = None,
@@ -333,17 +350,26 @@ def load_pretrained(
     dtype="float32",
     compute_dtype: str = "float32",
 ):
-  """(ModelConfig, boxed parameters, tokenizer) from a Hugging Face directory or one written by
-  `python -m dqo_jax.convert --from_hf`; what `config.model.path` names."""
+  """(ModelConfig, boxed parameters, tokenizer) of a pretrained model directory."""
+  from dqo_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+
+  tokenizer = load_tokenizer(path)  # first: a missing tokenizer fails before the weights load
+  cfg, params = load_pretrained_params(path, mesh, rules, dtype=dtype, compute_dtype=compute_dtype)
+  return cfg, params, tokenizer
+
+
+def check_pretrained(path: str | os.PathLike) -> None:
+  """Raises a one-line FileNotFoundError/ValueError naming what a model directory lacks (config,
+  tokenizer, weight files or shards), reading no weights."""
   from dqo_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
 
   path = os.fspath(path)
-  if os.path.isfile(os.path.join(path, OUR_CONFIG)):
-    cfg, params = load_ours(path, mesh, rules, dtype=dtype)
-    cfg = ModelConfig.from_json(cfg.to_json() | {"dtype": compute_dtype})
-  else:
-    cfg, params = import_hf(path, mesh, rules, dtype=dtype, compute_dtype=compute_dtype)
-  return cfg, params, load_tokenizer(path)
+  pretrained_config(path)
+  load_tokenizer(path)
+  if not os.path.isfile(os.path.join(path, OUR_CONFIG)):
+    safetensors_io.checkpoint_files(path)
+  elif not os.path.isdir(os.path.join(path, OUR_PARAMS)):
+    raise FileNotFoundError(f"{path}: no {OUR_PARAMS}/ (write it with python -m dqo_jax.convert)")
 
 
 def pretrained_config(path: str | os.PathLike, compute_dtype: str = "float32") -> ModelConfig:

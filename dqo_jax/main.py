@@ -64,6 +64,13 @@ def check_config(config) -> list[str]:
         f"config.eval.every={config.eval.every} must be a multiple of "
         f"config.log_every={config.log_every}"
     )
+  if config.model.get("path"):
+    from dqo_jax import convert
+
+    try:  # a missing or incomplete model directory: one line naming what is missing
+      convert.check_pretrained(config.model.path)
+    except (OSError, ValueError) as e:
+      raise UserError(f"config.model.path: {e}")
   return stages
 
 

@@ -238,3 +238,37 @@ def test_missing_or_incomplete_directories_give_one_line_errors(llama_dir, tmp_p
   config = json.loads((llama_dir / "config.json").read_text()) | {"model_type": "mixtral"}
   (llama_dir / "config.json").write_text(json.dumps(config))
   assert "model_type='mixtral' is not supported" in _error(capsys, "--from_hf", str(llama_dir))
+
+
+def test_config_model_path_gives_the_stages_the_pretrained_policy(llama_dir, tmp_path):
+  from configs.arith import get_config
+  from dqo_jax import sharding
+  from dqo_jax.stages.context import Context
+
+  config = get_config("tiny")
+  config.model.path = str(llama_dir)
+  mesh = sharding.make_mesh(config.mesh)
+  ctx = Context(config, str(tmp_path), None, None, None, mesh)
+  cfg, boxed = convert.import_hf(llama_dir)
+  assert ctx.model_cfg == cfg
+  init_fn, _ = ctx.sft_init_fn()
+  state = init_fn(jax.random.key(0))
+  np.testing.assert_array_equal(
+      nn.meta.unbox(state.params)["layer_1"]["mlp"]["up"]["kernel"],
+      nn.meta.unbox(boxed)["layer_1"]["mlp"]["up"]["kernel"],
+  )
+  value = nn.meta.unbox(ctx.value_params_from(nn.meta.unbox(state.params), jax.random.key(1)))
+  assert not np.any(np.asarray(value["value_head"])) and "lm_head" not in value
+
+
+def test_a_bad_config_model_path_is_one_line_naming_what_is_missing(llama_dir, tmp_path):
+  from configs.arith import get_config
+  from dqo_jax.main import UserError, check_config
+
+  config = get_config("tiny")
+  config.model.path = str(tmp_path / "nope")
+  with pytest.raises(UserError, match="nope: no such directory"):
+    check_config(config)
+  config.model.path = str(llama_dir)  # weights and config, but no tokenizer files
+  with pytest.raises(UserError, match="no tokenizer.json and no tokenizer.model"):
+    check_config(config)

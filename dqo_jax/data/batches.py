@@ -19,7 +19,8 @@ def prompt_text(question: str) -> str:
 
 
 def encode_prompt(tok: Tokenizer, question: str) -> list[int]:
-  return [tok.bos_id] + tok.encode(prompt_text(question))
+  # Qwen has no BOS (`add_bos` False); every other tokenizer here starts prompts with one.
+  return [tok.bos_id] * getattr(tok, "add_bos", True) + tok.encode(prompt_text(question))
 
 
 def encode_response(tok: Tokenizer, solution: str) -> list[int]:

@@ -10,12 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dqo_jax import sharding
+from dqo_jax import convert, sharding
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import arith_tfds
 from dqo_jax.data.batches import Encoded, encode_examples
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
-from dqo_jax.tokenizer import Tokenizer, load_or_train_tokenizer
+from dqo_jax.tokenizer import Tokenizer, load_or_train_tokenizer, load_tokenizer
 from dqo_jax.train.loop import abstract_state
 from dqo_jax.train.state import TrainState, make_optimizer
 
@@ -37,6 +37,8 @@ class Context:
 
   @functools.cached_property
   def model_cfg(self) -> ModelConfig:
+    if self.config.model.get("path"):  # a pretrained model (dqo_jax.convert.load_pretrained)
+      return convert.pretrained_config(self.config.model.path, self.config.model.dtype)
     return ModelConfig.from_config(self.config.model, self.tokenizer.vocab_size)
 
   @functools.cached_property
@@ -53,9 +55,17 @@ class Context:
     return path
 
   def init_params(self, model: Transformer, rng):
-    """Freshly initialised parameters, boxed with their logical axis names."""
+    """Freshly initialised parameters, boxed with their logical axis names; the pretrained
+    checkpoint's for the policy when `config.model.path` is set."""
+    if self.config.model.get("path") and model.head == "lm":
+      return self._pretrained_params
     tokens = jnp.zeros((1, 8), jnp.int32)
     return model.init(rng, tokens, jnp.ones_like(tokens))["params"]
+
+  @functools.cached_property
+  def _pretrained_params(self):
+    path, dtype = self.config.model.path, self.config.model.dtype
+    return convert.load_pretrained_params(path, self.mesh, self.rules, compute_dtype=dtype)[1]
 
   def sft_init_fn(self):
     tx = make_optimizer(self.config.sft.optimizer, self.config.sft.steps)
@@ -104,7 +114,10 @@ def build_context(config, workdir: str) -> Context:
       f"tokenizer_{config.tokenizer.vocab_size}.model",
   )
   texts = lambda: [t for ex in splits["train"] for t in (ex["question"], ex["solution"])]
-  tok = load_or_train_tokenizer(tok_path, texts, config.tokenizer.vocab_size)
+  if config.model.get("path"):
+    tok = load_tokenizer(config.model.path)
+  else:
+    tok = load_or_train_tokenizer(tok_path, texts, config.tokenizer.vocab_size)
   enc = {
       s: encode_examples(tok, splits[s], d.max_prompt_len, d.max_response_len)
       for s in ("train", "test")
