@@ -40,6 +40,7 @@ def get_config(arg: str = ""):
   c.tokenizer = dict(vocab_size=256)
 
   c.model = dict(
+      path="",  # a Hugging Face or dqo_jax.convert directory; its config replaces the fields below
       d_model=128,
       n_layers=4,
       n_heads=4,

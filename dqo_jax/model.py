@@ -1,5 +1,7 @@
 """A Llama-style decoder in Flax: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
 
+One configurable network covers the embedded model and the Hugging Face families Llama 2/3.x,
+Qwen2/2.5 and Gemma 1/2 (`ModelConfig.from_hf`; the weight maps are in `dqo_jax.convert`).
 One network serves as the policy (language-model head) and as the value model (scalar head).
 Every parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads", "head_dim",
 "mlp"); `dqo_jax.sharding` maps them onto the device mesh.
@@ -39,22 +41,81 @@ class ModelConfig:
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype; parameters stay float32
+  # Family features. The defaults are the embedded Llama-style model; `from_hf` sets them.
+  family: str = "llama"  # the Hugging Face architecture an export writes: llama|qwen2|gemma|gemma2
+  activation: str = "silu"  # gated MLP: "silu" (SwiGLU), "gelu_tanh" (GeGLU) or "gelu"
+  qkv_bias: bool = False  # Qwen2: biases on the q, k, v projections
+  o_bias: bool = False  # Llama with attention_bias: a bias on the output projection as well
+  norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + scale), scale initialised at 0
+  post_norms: bool = False  # Gemma 2: RMSNorm on the attention and MLP outputs too
+  embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(d_model)
+  query_pre_attn_scalar: float = 0.0  # Gemma 2: scores scaled by this**-0.5 (0: head_dim)
+  attn_softcap: float = 0.0  # Gemma 2: scores -> cap * tanh(scores / cap) (0: off)
+  final_softcap: float = 0.0  # Gemma 2: logits -> cap * tanh(logits / cap) (0: off)
+  sliding_window: int = 0  # keys within this many slots of the query on "sliding" layers
+  layer_types: tuple[str, ...] = ()  # per layer "global" or "sliding"; () = all global
+  rope_type: str = "default"  # "default", "linear" (positions / factor) or "llama3" (Llama 3.1)
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
           f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
       )
+    if self.activation not in _ACTIVATIONS:
+      raise ValueError(f"model.activation={self.activation!r}: expected one of {_ACTIVATIONS}")
+    if self.rope_type not in ("default", "linear", "llama3"):
+      raise ValueError(f"model.rope_type={self.rope_type!r}: expected default, linear or llama3")
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    if self.layer_types and (
+        len(self.layer_types) != self.n_layers or not set(self.layer_types) <= {"global", "sliding"}
+    ):
+      raise ValueError(
+          f"model.layer_types={self.layer_types}: need {self.n_layers} of 'global'/'sliding'"
+      )
+    if "sliding" in self.layer_types and self.sliding_window <= 0:
+      raise ValueError("model.layer_types has sliding layers but model.sliding_window is not set")
 
   @classmethod
   def from_config(cls, cfg, vocab_size: int) -> "ModelConfig":
-    """Builds from an ml_collections `config.model`; the vocabulary comes from the tokenizer."""
+    """Builds from an ml_collections `config.model`; the vocabulary comes from the tokenizer.
+
+    Keys that are not fields (e.g. `path`, read by `dqo_jax.convert.load_pretrained`) are ignored.
+    """
     fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-    return cls(vocab_size=vocab_size, **{k: v for k, v in cfg.items() if k in fields})
+    return cls(vocab_size=vocab_size, **{k: _frozen(v) for k, v in cfg.items() if k in fields})
+
+  @classmethod
+  def from_hf(cls, config, dtype: str = "float32") -> "ModelConfig":
+    """Builds from a Hugging Face `config.json`: a dict, the file, or the directory holding it."""
+    from dqo_jax import hf_config  # pylint: disable=g-import-not-at-top
+
+    return hf_config.model_config_from_hf(config, dtype)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self) | {"layer_types": list(self.layer_types)}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "ModelConfig":
+    return cls(**{k: _frozen(v) for k, v in d.items()})
+
+  def layer_type(self, i: int) -> str:
+    return self.layer_types[i] if self.layer_types else "global"
 
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+
+_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
+def _frozen(v):
+  """Lists (from JSON or ml_collections) as tuples, so the config stays hashable."""
+  return tuple(v) if isinstance(v, list) else v
 
 
 def _init(names, init=nn.initializers.normal(0.02)):
@@ -63,20 +124,51 @@ def _init(names, init=nn.initializers.normal(0.02)):
 
 class RMSNorm(nn.Module):
   eps: float
+  plus_one: bool = False  # Gemma: y * (1 + scale), the stored scale starting at 0
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", _init(("embed",), nn.initializers.ones), (x.shape[-1],))
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param("scale", _init(("embed",), init), (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     # Normalise in float32: bf16 mean-of-squares loses the small activations.
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      scale = 1.0 + scale.astype(jnp.float32)
     return (y * scale).astype(x.dtype)
 
 
-def rotary(x, positions, theta):
-  """Rotates the two halves of the head dimension. x: [B, L, H, Dh], positions: [B, L]."""
+def rope_frequencies(cfg: ModelConfig, half: int):
+  """Rotary inverse frequencies [half], with Llama 3.1's ("llama3") or linear scaling."""
+  freqs = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if cfg.rope_type == "linear":
+    freqs = freqs / cfg.rope_factor
+  elif cfg.rope_type == "llama3":
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    old = cfg.rope_original_max_position
+    low_wavelen = old / cfg.rope_low_freq_factor
+    high_wavelen = old / cfg.rope_high_freq_factor
+    wavelen = 2 * jnp.pi / freqs
+    scaled = jnp.where(wavelen > low_wavelen, freqs / cfg.rope_factor, freqs)
+    smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    freqs = jnp.where(medium, smoothed, scaled)
+  return freqs
+
+
+def rotary(x, positions, theta_or_cfg):
+  """Rotates the two halves of the head dimension. x: [B, L, H, Dh], positions: [B, L].
+
+  `theta_or_cfg` is the rotary base, or a `ModelConfig` (base and scaling).
+  """
   half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if isinstance(theta_or_cfg, ModelConfig):
+    freqs = rope_frequencies(theta_or_cfg, half)
+  else:
+    freqs = theta_or_cfg ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions[..., None].astype(jnp.float32) * freqs  # [B, L, half]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -95,12 +187,18 @@ class Attention(nn.Module):
     """
     c = self.cfg
     dense = lambda feats, names, name: nn.DenseGeneral(
-        feats, axis=-1, use_bias=False, dtype=c.compute_dtype, kernel_init=_init(names), name=name
+        feats,
+        axis=-1,
+        use_bias=c.qkv_bias,
+        dtype=c.compute_dtype,
+        kernel_init=_init(names),
+        bias_init=_init(names[1:], nn.initializers.zeros),
+        name=name,
     )
     q = dense((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), "q")(x)
     k = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k")(x)
     v = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v")(x)
-    q, k = rotary(q, positions, c.rope_theta), rotary(k, positions, c.rope_theta)
+    q, k = rotary(q, positions, c), rotary(k, positions, c)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, L, Dh]
     if kv is not None:
       k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=2)
@@ -115,7 +213,10 @@ class Attention(nn.Module):
       scores = jnp.sum(qg[:, 0, :, :, None, :] * k[:, :, None], -1)[:, :, :, None]
     else:
       scores = jnp.einsum("blkgd,bksd->bkgls", qg, k)
-    scores = scores.astype(jnp.float32) / jnp.sqrt(c.head_dim).astype(jnp.float32)
+    scale = c.query_pre_attn_scalar or c.head_dim
+    scores = scores.astype(jnp.float32) / jnp.sqrt(scale).astype(jnp.float32)
+    if c.attn_softcap:
+      scores = c.attn_softcap * jnp.tanh(scores / c.attn_softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     if l == 1:
@@ -126,15 +227,26 @@ class Attention(nn.Module):
     out = nn.DenseGeneral(
         c.d_model,
         axis=(-2, -1),
-        use_bias=False,
+        use_bias=c.o_bias,
         dtype=c.compute_dtype,
         kernel_init=_init(("heads", "head_dim", "embed")),
+        bias_init=_init(("embed",), nn.initializers.zeros),
         name="o",
     )(out)
     return out, (k, v)
 
 
+def _activation(name: str):
+  return {
+      "silu": nn.silu,
+      "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+      "gelu": lambda x: nn.gelu(x, approximate=False),
+  }[name]
+
+
 class SwiGLU(nn.Module):
+  """The gated MLP: act(x W_gate) * (x W_up) W_down; SwiGLU with silu, GeGLU with gelu."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -143,9 +255,8 @@ class SwiGLU(nn.Module):
     dense = lambda feats, names, name: nn.Dense(
         feats, use_bias=False, dtype=c.compute_dtype, kernel_init=_init(names), name=name
     )
-    h = nn.silu(dense(c.d_ff, ("embed", "mlp"), "gate")(x)) * dense(c.d_ff, ("embed", "mlp"), "up")(
-        x
-    )
+    act = _activation(c.activation)
+    h = act(dense(c.d_ff, ("embed", "mlp"), "gate")(x)) * dense(c.d_ff, ("embed", "mlp"), "up")(x)
     return dense(c.d_model, ("mlp", "embed"), "down")(h)
 
 
@@ -154,12 +265,16 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, kv, cache_index):
-    h, kv = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg.norm_eps, name="attn_norm")(x), positions, mask, kv, cache_index
-    )
+    c = self.cfg
+    norm = lambda name: RMSNorm(c.norm_eps, c.norm_plus_one, name=name)
+    h, kv = Attention(c, name="attn")(norm("attn_norm")(x), positions, mask, kv, cache_index)
+    if c.post_norms:
+      h = norm("post_attn_norm")(h)
     x = x + h
-    x = x + SwiGLU(self.cfg, name="mlp")(RMSNorm(self.cfg.norm_eps, name="mlp_norm")(x))
-    return x, kv
+    h = SwiGLU(c, name="mlp")(norm("mlp_norm")(x))
+    if c.post_norms:
+      h = norm("post_mlp_norm")(h)
+    return x + h, kv
 
 
 class Transformer(nn.Module):
@@ -184,8 +299,12 @@ class Transformer(nn.Module):
     c = self.cfg
     embed = self.param("embed", _init(("vocab", "embed")), (c.vocab_size, c.d_model))
     x = embed[tokens].astype(c.compute_dtype)
+    if c.embed_scale:
+      # Rounded to the compute dtype first, as the reference Gemma does (55.4256 -> 55.5 in bf16).
+      x = x * jnp.asarray(c.d_model**0.5, c.compute_dtype)
     if cache is None:
       positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+      slots = query_slots = jnp.arange(tokens.shape[1])
       causal = jnp.tril(jnp.ones((tokens.shape[1],) * 2, bool))
       mask = causal[None] & attention_mask.astype(bool)[:, None, :]
     else:
@@ -197,15 +316,20 @@ class Transformer(nn.Module):
       slots = jnp.arange(key_mask.shape[1])
       query_slots = cache_index + jnp.arange(tokens.shape[1])
       mask = (slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
+    if "sliding" in c.layer_types:
+      # Sliding layers see the keys fewer than `sliding_window` slots back (as Hugging Face).
+      near = (query_slots[:, None] - slots[None, :]) < c.sliding_window
+      sliding_mask = mask & near[None]
     new_k, new_v = [], []
     for i in range(c.n_layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      x, (k, v) = Block(c, name=f"layer_{i}")(x, positions, mask, kv, cache_index)
+      layer_mask = sliding_mask if c.layer_type(i) == "sliding" else mask
+      x, (k, v) = Block(c, name=f"layer_{i}")(x, positions, layer_mask, kv, cache_index)
       new_k.append(k)
       new_v.append(v)
     # Per-layer arrays, not one stacked array: stacking would copy the whole cache every
     # decode step, while separate buffers are updated in place inside the while loop.
-    x = RMSNorm(c.norm_eps, name="final_norm")(x)
+    x = RMSNorm(c.norm_eps, c.norm_plus_one, name="final_norm")(x)
     if self.head == "value":
       # Zero-initialised so a value model built on a trained trunk starts at V = 0.
       w = self.param("value_head", _init(("embed",), nn.initializers.zeros), (c.d_model,))
@@ -215,6 +339,8 @@ class Transformer(nn.Module):
     else:
       w = self.param("lm_head", _init(("embed", "vocab")), (c.d_model, c.vocab_size))
       out = jnp.einsum("bld,dv->blv", x, w.astype(x.dtype)).astype(jnp.float32)
+    if self.head == "lm" and c.final_softcap:
+      out = c.final_softcap * jnp.tanh(out / c.final_softcap)
     if cache is None:
       return out, None
     new_cache = dict(

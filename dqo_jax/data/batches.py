@@ -23,7 +23,8 @@ def prompt_text(question: str) -> str:
 def encode_prompt(
     tok: Tokenizer, question: str, prompt_fn: Callable[[str], str] = prompt_text
 ) -> list[int]:
-  return [tok.bos_id] + tok.encode(prompt_fn(question))
+  # Qwen has no BOS (`add_bos` False); every other tokenizer here starts prompts with one.
+  return [tok.bos_id] * getattr(tok, "add_bos", True) + tok.encode(prompt_fn(question))
 
 
 def encode_response(tok: Tokenizer, solution: str) -> list[int]:

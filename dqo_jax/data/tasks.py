@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from dqo_jax.data import arith_tfds, gsm8k_tfds, math_tfds, prompts
 from dqo_jax.errors import UserError
+from dqo_jax import tokenizer
 from dqo_jax.tokenizer import Tokenizer, load_or_train_tokenizer
 
 __all__ = ["TASKS", "Task", "check_model_path", "load_task", "load_tokenizer"]
@@ -133,7 +134,10 @@ def load_task(config, workdir: str) -> Task:
 
 
 def load_tokenizer(config, task: Task) -> Tokenizer:
-  """The SentencePiece tokenizer trained on the task's train split, cached beside the data."""
+  """The pretrained model's own tokenizer, or else a SentencePiece tokenizer trained on the
+  task's train split and cached beside the data."""
+  if config.model.get("path"):
+    return tokenizer.load_tokenizer(os.path.expanduser(config.model.path))
   vocab = config.tokenizer.vocab_size
   if task.name == "arith":  # the name it had before the registry, so cached ones stay valid
     path = os.path.join(task.tokenizer_dir, f"tokenizer_{vocab}.model")
@@ -162,8 +166,9 @@ def check_model_path(config) -> None:
         f"config.model.path={path}: no such directory; pass --config.model.path=DIR, a directory "
         f"holding the weights and tokenizer of {name}"
     )
-  # Loading pretrained weights and their tokenizer is issue 4 (dqo_jax/model.py, tokenizer.py).
-  raise UserError(
-      f"config.model.path={path}: loading pretrained models is not implemented yet (issue 4); "
-      "use a :tiny preset to train a small model from scratch"
-  )
+  from dqo_jax import convert
+
+  try:  # an incomplete model directory: one line naming what is missing
+    convert.check_pretrained(path)
+  except (OSError, ValueError) as e:
+    raise UserError(f"config.model.path: {e}")

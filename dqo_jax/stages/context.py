@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dqo_jax import sharding
+from dqo_jax import convert, sharding
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import prompts, tasks
 from dqo_jax.data.batches import Encoded, encode_examples
@@ -56,6 +56,8 @@ class Context:
 
   @functools.cached_property
   def model_cfg(self) -> ModelConfig:
+    if self.config.model.get("path"):  # a pretrained model (dqo_jax.convert.load_pretrained)
+      return convert.pretrained_config(self.config.model.path, self.config.model.dtype)
     return ModelConfig.from_config(self.config.model, self.tokenizer.vocab_size)
 
   @functools.cached_property
@@ -72,9 +74,17 @@ class Context:
     return path
 
   def init_params(self, model: Transformer, rng):
-    """Freshly initialised parameters, boxed with their logical axis names."""
+    """Freshly initialised parameters, boxed with their logical axis names; the pretrained
+    checkpoint's for the policy when `config.model.path` is set."""
+    if self.config.model.get("path") and model.head == "lm":
+      return self._pretrained_params
     tokens = jnp.zeros((1, 8), jnp.int32)
     return model.init(rng, tokens, jnp.ones_like(tokens))["params"]
+
+  @functools.cached_property
+  def _pretrained_params(self):
+    path, dtype = self.config.model.path, self.config.model.dtype
+    return convert.load_pretrained_params(path, self.mesh, self.rules, compute_dtype=dtype)[1]
 
   def sft_init_fn(self):
     tx = make_optimizer(self.config.sft.optimizer, self.config.sft.steps)

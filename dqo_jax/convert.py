@@ -1,0 +1,448 @@
+"""Hugging Face checkpoints in and out: declarative weight maps, import, export and the CLI.
+
+    python -m dqo_jax.convert --from_hf HF_DIR --to OUR_DIR      # safetensors -> Orbax
+    python -m dqo_jax.convert --from OUR_DIR --to_hf HF_DIR      # Orbax -> safetensors
+    python -m dqo_jax.convert --from OUR_DIR --params WORKDIR/dqo/checkpoints --to_hf HF_DIR
+
+Each family has one table of (Hugging Face name, our parameter path, rule); `{i}` stands for
+the layer. A rule says how a tensor changes shape between the two layouts (Hugging Face linear
+weights are [out, in]; ours are [in, ...out] with the heads split out). Import reads the
+checkpoint one tensor at a time and places each straight into its target sharding and dtype,
+so host memory holds the placed model plus about one tensor in flight (docs/models.md).
+
+OUR_DIR holds `params/` (an Orbax checkpoint of the parameter tree), `model_config.json`, and
+`hf/` (the source `config.json`, generation config and tokenizer files, used by the export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from dqo_jax import hf_config, safetensors_io
+from dqo_jax.model import ModelConfig, Transformer
+
+# (Hugging Face name, our path, rule). Entries whose parameter the model does not have (biases,
+# lm_head when tied) are skipped.
+_LLAMA = (
+    ("model.embed_tokens.weight", "embed", "copy"),
+    ("model.norm.weight", "final_norm/scale", "copy"),
+    ("lm_head.weight", "lm_head", "transpose"),
+    ("model.layers.{i}.input_layernorm.weight", "layer_{i}/attn_norm/scale", "copy"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layer_{i}/attn/q/kernel", "heads_out"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layer_{i}/attn/k/kernel", "heads_out"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layer_{i}/attn/v/kernel", "heads_out"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layer_{i}/attn/q/bias", "heads_bias"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layer_{i}/attn/k/bias", "heads_bias"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layer_{i}/attn/v/bias", "heads_bias"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layer_{i}/attn/o/kernel", "heads_in"),
+    ("model.layers.{i}.self_attn.o_proj.bias", "layer_{i}/attn/o/bias", "copy"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layer_{i}/mlp/gate/kernel", "transpose"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layer_{i}/mlp/up/kernel", "transpose"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layer_{i}/mlp/down/kernel", "transpose"),
+)
+_PRE_MLP_NORM = (
+    ("model.layers.{i}.post_attention_layernorm.weight", "layer_{i}/mlp_norm/scale", "copy"),
+)
+# Gemma 2 names its four norms differently: "post_attention" is the attention output's norm.
+_GEMMA2_NORMS = (
+    ("model.layers.{i}.post_attention_layernorm.weight", "layer_{i}/post_attn_norm/scale", "copy"),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "layer_{i}/mlp_norm/scale", "copy"),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "layer_{i}/post_mlp_norm/scale", "copy"),
+)
+WEIGHT_MAPS = {
+    "llama": _LLAMA + _PRE_MLP_NORM,
+    "qwen2": _LLAMA + _PRE_MLP_NORM,
+    "gemma": _LLAMA + _PRE_MLP_NORM,
+    "gemma2": _LLAMA + _GEMMA2_NORMS,
+}
+# Tensors some checkpoints carry that are not parameters.
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+# rule: (Hugging Face -> ours given our shape, ours -> Hugging Face)
+RULES: dict[str, tuple[Callable, Callable]] = {
+    "copy": (lambda x, shape: x.reshape(shape), lambda x: x),
+    "transpose": (lambda x, shape: x.T.reshape(shape), lambda x: x.T),
+    # [heads * head_dim, embed] -> [embed, heads, head_dim]
+    "heads_out": (lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(x.shape[0], -1).T),
+    # [heads * head_dim] -> [heads, head_dim]
+    "heads_bias": (lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1)),
+    # [embed, heads * head_dim] -> [heads, head_dim, embed]
+    "heads_in": (lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(-1, x.shape[-1]).T),
+}
+
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def weight_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], str]]:
+  """{Hugging Face name: (our parameter path, rule)} for every parameter of `cfg`'s LM model."""
+  out = {}
+  for hf, ours, rule in WEIGHT_MAPS[cfg.family]:
+    for i in range(cfg.n_layers) if "{i}" in hf else [None]:
+      out[hf.format(i=i)] = (tuple(ours.format(i=i).split("/")), rule)
+  return out
+
+
+def abstract_params(cfg: ModelConfig, head: str = "lm"):
+  """Boxed (logically partitioned) shapes of the parameters, without allocating them."""
+  model = Transformer(cfg, head=head)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, jnp.ones_like(tokens)))[
+      "params"
+  ]
+
+
+def param_shardings(boxed, mesh: Mesh | None, rules):
+  """NamedShardings from the logical axis names (one device when there is no mesh)."""
+  if mesh is None:
+    one = SingleDeviceSharding(jax.devices()[0])
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    return jax.tree.map(lambda _: one, boxed, is_leaf=is_box)
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+
+
+def _flatten(tree, prefix=()):
+  if isinstance(tree, dict) or hasattr(tree, "items"):
+    for k, v in tree.items():
+      yield from _flatten(v, prefix + (k,))
+  else:
+    yield prefix, tree
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+  # Each device (each process's devices, on a multi-host TPU) takes its slice of the host array.
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def import_hf(
+    directory: str | os.PathLike,
+    mesh: Mesh | None = None,
+    rules=(),
+    *,
+    dtype="float32",
+    compute_dtype: str = "float32",
+) -> tuple[ModelConfig, dict]:
+  """Reads a Hugging Face checkpoint directory into (config, parameters boxed with their
+  logical axis names), each tensor converted to `dtype` and placed by `rules` on `mesh`."""
+  directory = os.fspath(directory)
+  _check_dir(directory)
+  cfg = ModelConfig.from_hf(directory, dtype=compute_dtype)
+  files = safetensors_io.checkpoint_files(directory)
+  boxed = abstract_params(cfg)
+  shapes = nn.meta.unbox(boxed)
+  shardings = param_shardings(boxed, mesh, rules)
+  wmap = weight_map(cfg)
+  params: dict = {}
+  unexpected = []
+  for name, f in safetensors_io.iter_tensors(files):
+    if name not in wmap:
+      tied_head = name == "lm_head.weight" and cfg.tie_embeddings
+      if not (tied_head or _IGNORED.match(name)):
+        unexpected.append(name)
+      continue
+    path, rule = wmap[name]
+    try:
+      target = _get(shapes, path)
+    except KeyError:
+      unexpected.append(name)  # e.g. a bias the config does not declare
+      continue
+    back = RULES[rule][1]
+    expected = jax.eval_shape(back, jax.ShapeDtypeStruct(target.shape, jnp.float32)).shape
+    if f.shape(name) != expected:
+      raise ValueError(f"{f.path}: {name} has shape {f.shape(name)}, expected {expected}")
+    host = RULES[rule][0](f.read(name), target.shape).astype(dtype, copy=False)
+    _set(params, path, _place(host, _get(shardings, path)))
+    del host
+  if unexpected:
+    raise ValueError(
+        f"{directory}: {len(unexpected)} tensors with no place in a {cfg.family} model: "
+        + ", ".join(unexpected[:4])
+        + (" ..." if len(unexpected) > 4 else "")
+    )
+  by_path = {p: n for n, (p, _) in wmap.items()}
+  missing = [by_path.get(p, "/".join(p)) for p, _ in _flatten(shapes) if not _has(params, p)]
+  if missing:
+    raise ValueError(
+        f"{directory}: checkpoint lacks {len(missing)} tensors: "
+        + ", ".join(missing[:4])
+        + (" ..." if len(missing) > 4 else "")
+    )
+  return cfg, rebox(boxed, params)
+
+
+def _has(tree, path) -> bool:
+  try:
+    _get(tree, path)
+    return True
+  except KeyError:
+    return False
+
+
+def rebox(boxed, values):
+  """`values` wrapped in the logical-partitioning boxes of `boxed` (same tree structure)."""
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  return jax.tree.map(
+      lambda box, v: box.replace_boxed(v) if is_box(box) else v, boxed, values, is_leaf=is_box
+  )
+
+
+def _check_dir(directory: str) -> None:
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory}: no such directory")
+  if not os.path.isfile(os.path.join(directory, "config.json")):
+    raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
+
+
+def export_hf(
+    params,
+    cfg: ModelConfig,
+    directory: str | os.PathLike,
+    *,
+    dtype="bfloat16",
+    base_config: dict | None = None,
+    files_from: str | os.PathLike | None = None,
+    max_shard_bytes: int = 2 << 30,
+) -> list[str]:
+  """Writes `params` (our LM parameter tree, unboxed or boxed) as a Hugging Face checkpoint:
+  safetensors (sharded above `max_shard_bytes`, with an index), `config.json` and the
+  tokenizer and generation files found in `files_from`. Returns the files written."""
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  params = nn.meta.unbox(params)
+  dtype = np.dtype(jnp.dtype(dtype))
+  wmap = weight_map(cfg)
+  specs, used = [], set()
+  for name, (path, rule) in wmap.items():
+    if not _has(params, path):
+      continue
+    used.add(path)
+    value = _get(params, path)
+    back = RULES[rule][1]
+    # Shapes of the Hugging Face layout, without touching the data.
+    shape = jax.eval_shape(back, jax.ShapeDtypeStruct(value.shape, value.dtype)).shape
+    produce = lambda value=value, back=back: back(np.asarray(jax.device_get(value))).astype(dtype)
+    specs.append((name, shape, dtype, produce))
+  extra = [p for p, _ in _flatten(params) if p not in used]
+  if extra:
+    raise ValueError(
+        f"parameters with no Hugging Face name: {', '.join('/'.join(p) for p in extra[:4])}"
+        + (" (export the policy, not the value model)" if ("value_head",) in extra else "")
+    )
+  written = safetensors_io.write_checkpoint(directory, specs, max_shard_bytes)
+  if files_from is not None:
+    for name in HF_FILES:
+      src = os.path.join(files_from, name)
+      if name != "config.json" and os.path.isfile(src):
+        shutil.copyfile(src, os.path.join(directory, name))
+        written.append(name)
+    if base_config is None and os.path.isfile(os.path.join(files_from, "config.json")):
+      base_config = hf_config.read_hf_config(files_from)
+  config = hf_config.hf_config_from_model_config(cfg, base_config)
+  config["torch_dtype"] = str(dtype)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return written + ["config.json"]
+
+
+# Our directory layout: params/ (Orbax), model_config.json, hf/ (config and tokenizer files).
+OUR_CONFIG, OUR_PARAMS, OUR_HF = "model_config.json", "params", "hf"
+
+
+def save_ours(params, cfg: ModelConfig, directory: str | os.PathLike, hf_files_from=None) -> None:
+  """Writes parameters (Orbax), the model config and the Hugging Face side files."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  directory = os.path.abspath(os.fspath(directory))
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(directory, OUR_PARAMS), nn.meta.unbox(params), force=True)
+  with open(os.path.join(directory, OUR_CONFIG), "w") as f:
+    json.dump(cfg.to_json(), f, indent=2)
+  if hf_files_from is not None:
+    os.makedirs(os.path.join(directory, OUR_HF), exist_ok=True)
+    for name in HF_FILES:
+      src = os.path.join(hf_files_from, name)
+      if os.path.isfile(src):
+        shutil.copyfile(src, os.path.join(directory, OUR_HF, name))
+
+
+def load_ours(
+    directory: str | os.PathLike, mesh: Mesh | None = None, rules=(), *, dtype=None
+) -> tuple[ModelConfig, dict]:
+  """Reads what `save_ours` wrote into (config, boxed parameters) placed by `rules`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  directory = os.path.abspath(os.fspath(directory))
+  for need in (OUR_CONFIG, OUR_PARAMS):
+    if not os.path.exists(os.path.join(directory, need)):
+      raise FileNotFoundError(f"{directory}: no {need} (write it with python -m dqo_jax.convert)")
+  with open(os.path.join(directory, OUR_CONFIG)) as f:
+    cfg = ModelConfig.from_json(json.load(f))
+  boxed = abstract_params(cfg)
+  shardings = param_shardings(boxed, mesh, rules)
+  target = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype, sharding=sh),
+      nn.meta.unbox(boxed),
+      shardings,
+  )
+  with ocp.StandardCheckpointer() as ckpt:
+    params = ckpt.restore(os.path.join(directory, OUR_PARAMS), target)
+  return cfg, rebox(boxed, params)
+
+
+def load_pretrained_params(
+    path: str | os.PathLike,
+    mesh: Mesh | None = None,
+    rules=(),
+    *,
+    dtype="float32",
+    compute_dtype: str = "float32",
+) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, boxed parameters placed by `rules` on `mesh`) from a Hugging Face directory
+  or one written by `python -m dqo_jax.convert --from_hf`; what `config.model.path` names."""
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, OUR_CONFIG)):
+    cfg, params = load_ours(path, mesh, rules, dtype=dtype)
+    return ModelConfig.from_json(cfg.to_json() | {"dtype": compute_dtype}), params
+  return import_hf(path, mesh, rules, dtype=dtype, compute_dtype=compute_dtype)
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    mesh: Mesh | None = None,
+    rules=(),
+    *,
+    dtype="float32",
+    compute_dtype: str = "float32",
+):
+  """(ModelConfig, boxed parameters, tokenizer) of a pretrained model directory."""
+  from dqo_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+
+  tokenizer = load_tokenizer(path)  # first: a missing tokenizer fails before the weights load
+  cfg, params = load_pretrained_params(path, mesh, rules, dtype=dtype, compute_dtype=compute_dtype)
+  return cfg, params, tokenizer
+
+
+def check_pretrained(path: str | os.PathLike) -> None:
+  """Raises a one-line FileNotFoundError/ValueError naming what a model directory lacks (config,
+  tokenizer, weight files or shards), reading no weights."""
+  from dqo_jax.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+
+  path = os.fspath(path)
+  pretrained_config(path)
+  load_tokenizer(path)
+  if not os.path.isfile(os.path.join(path, OUR_CONFIG)):
+    safetensors_io.checkpoint_files(path)
+  elif not os.path.isdir(os.path.join(path, OUR_PARAMS)):
+    raise FileNotFoundError(f"{path}: no {OUR_PARAMS}/ (write it with python -m dqo_jax.convert)")
+
+
+def pretrained_config(path: str | os.PathLike, compute_dtype: str = "float32") -> ModelConfig:
+  """The ModelConfig of a pretrained directory (either layout), reading no weights."""
+  path = os.fspath(path)
+  ours = os.path.join(path, OUR_CONFIG)
+  if os.path.isfile(ours):
+    with open(ours) as f:
+      return ModelConfig.from_json(json.load(f) | {"dtype": compute_dtype})
+  _check_dir(path)
+  return ModelConfig.from_hf(path, dtype=compute_dtype)
+
+
+def _restore_trained_params(checkpoints: str, cfg: ModelConfig):
+  """The `params` of the newest training checkpoint (a stage's `checkpoints/` directory)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  mgr = ocp.CheckpointManager(os.path.abspath(checkpoints))
+  step = mgr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{checkpoints}: no checkpoint")
+  state = mgr.restore(step, args=ocp.args.StandardRestore())
+  mgr.close()
+  params = state["params"] if isinstance(state, dict) else state.params
+  want = {p for p, _ in _flatten(nn.meta.unbox(abstract_params(cfg)))}
+  got = {p for p, _ in _flatten(params)}
+  if want != got:
+    raise ValueError(f"{checkpoints}: parameters do not match the model config")
+  return params
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m dqo_jax.convert", description=__doc__)
+  parser.add_argument("--from_hf", help="Hugging Face model directory to import")
+  parser.add_argument("--to", help="our directory to write (with --from_hf)")
+  parser.add_argument("--from", dest="src", help="our directory (config, params, tokenizer)")
+  parser.add_argument("--params", help="a training stage's checkpoints/ to export instead")
+  parser.add_argument("--to_hf", help="Hugging Face directory to write (with --from)")
+  parser.add_argument(
+      "--dtype", default=None, help="stored dtype (import: float32; export: bfloat16)"
+  )
+  parser.add_argument("--max_shard_gb", type=float, default=2.0)
+  args = parser.parse_args(argv)
+  try:
+    if args.from_hf and args.to:
+      cfg, params = import_hf(args.from_hf, dtype=args.dtype or "float32")
+      save_ours(params, cfg, args.to, hf_files_from=args.from_hf)
+      print(f"wrote {args.to}: {cfg.family}, {_count(params) / 1e6:.1f}M parameters")
+    elif args.src and args.to_hf:
+      cfg, params = load_ours(args.src)
+      if args.params:
+        params = _restore_trained_params(args.params, cfg)
+      files = os.path.join(args.src, OUR_HF)
+      export_hf(
+          params,
+          cfg,
+          args.to_hf,
+          dtype=args.dtype or "bfloat16",
+          files_from=files if os.path.isdir(files) else None,
+          max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+      )
+      print(f"wrote {args.to_hf}: {cfg.family}, {_count(params) / 1e6:.1f}M parameters")
+    else:
+      parser.error("use --from_hf DIR --to DIR, or --from DIR --to_hf DIR")
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(params)))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

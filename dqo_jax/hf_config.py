@@ -1,0 +1,216 @@
+"""Hugging Face `config.json` <-> `ModelConfig`, for the Llama, Qwen2 and Gemma families.
+
+Reads both the older keys (`rope_theta`, `rope_scaling`, no `layer_types`) and the newer ones
+(`rope_parameters`, `layer_types`); writes the older ones, which every reader understands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from dqo_jax.model import ModelConfig
+
+FAMILIES = ("llama", "qwen2", "gemma", "gemma2")
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+_TIED_BY_DEFAULT = {"llama": False, "qwen2": False, "gemma": True, "gemma2": True}
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "gelu": "gelu",
+}
+_HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def read_hf_config(config) -> dict[str, Any]:
+  """`config` as a dict: a dict already, a `config.json` path, or the directory holding one."""
+  if isinstance(config, dict):
+    return dict(config)
+  path = os.fspath(config)
+  if os.path.isdir(path):
+    path = os.path.join(path, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file (a Hugging Face model directory has one)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def model_config_from_hf(config, dtype: str = "float32") -> ModelConfig:
+  d = read_hf_config(config)
+  family = d.get("model_type")
+  if family not in FAMILIES:
+    raise ValueError(
+        f"config.json model_type={family!r} is not supported; supported: {', '.join(FAMILIES)}"
+    )
+  if d.get("mlp_bias"):
+    raise ValueError("config.json mlp_bias=true is not supported")
+  d_model, n_heads = d["hidden_size"], d["num_attention_heads"]
+  gemma = family.startswith("gemma")
+  act = (gemma and d.get("hidden_activation")) or d.get("hidden_act", "silu")
+  if gemma and act == "gelu" and not d.get("hidden_activation"):
+    # Gemma 1's first configs said "gelu" for what the reference computes in the tanh form.
+    act = "gelu_pytorch_tanh"
+  if act not in _ACTIVATIONS:
+    raise ValueError(f"config.json hidden_act={act!r} is not supported")
+  attention_bias = bool(d.get("attention_bias", False))
+  fields: dict[str, Any] = dict(
+      vocab_size=d["vocab_size"],
+      d_model=d_model,
+      n_layers=d["num_hidden_layers"],
+      n_heads=n_heads,
+      n_kv_heads=d.get("num_key_value_heads") or n_heads,
+      head_dim=d.get("head_dim") or d_model // n_heads,
+      d_ff=d["intermediate_size"],
+      norm_eps=d.get("rms_norm_eps", 1e-6),
+      tie_embeddings=d.get("tie_word_embeddings", _TIED_BY_DEFAULT[family]),
+      dtype=dtype,
+      family=family,
+      activation=_ACTIVATIONS[act],
+      qkv_bias=family == "qwen2" or attention_bias,
+      o_bias=attention_bias,
+      norm_plus_one=gemma,
+      post_norms=family == "gemma2",
+      embed_scale=gemma,
+  )
+  fields.update(_rope_fields(d))
+  if family == "gemma2":
+    fields.update(
+        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or fields["head_dim"]),
+        attn_softcap=float(d.get("attn_logit_softcapping") or 0.0),
+        final_softcap=float(d.get("final_logit_softcapping") or 0.0),
+    )
+  fields.update(_window_fields(d, family, fields["n_layers"]))
+  return ModelConfig(**fields)
+
+
+def _rope_fields(d: dict) -> dict[str, Any]:
+  params = d.get("rope_parameters") or {}
+  theta = d.get("rope_theta", params.get("rope_theta", 10_000.0))
+  scaling = d.get("rope_scaling") or params
+  kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+  out: dict[str, Any] = dict(rope_theta=float(theta), rope_type=kind)
+  if kind == "default":
+    return out
+  if kind == "linear":
+    return out | dict(rope_factor=float(scaling["factor"]))
+  if kind == "llama3":
+    return out | dict(
+        rope_factor=float(scaling["factor"]),
+        rope_low_freq_factor=float(scaling["low_freq_factor"]),
+        rope_high_freq_factor=float(scaling["high_freq_factor"]),
+        rope_original_max_position=int(scaling["original_max_position_embeddings"]),
+    )
+  raise ValueError(
+      f"config.json rope scaling type {kind!r} is not supported (default, linear, llama3)"
+  )
+
+
+def _window_fields(d: dict, family: str, n_layers: int) -> dict[str, Any]:
+  types = d.get("layer_types")
+  window = d.get("sliding_window") or 0
+  if types is None:
+    if family == "gemma2":  # before `layer_types`: even layers slide, odd layers are global
+      types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    elif family == "qwen2" and d.get("use_sliding_window"):
+      start = d.get("max_window_layers", n_layers)
+      types = ["sliding_attention" if i >= start else "full_attention" for i in range(n_layers)]
+    else:
+      types = []
+  if family == "qwen2" and not d.get("use_sliding_window"):
+    types = []
+  unknown = set(types) - {"sliding_attention", "full_attention"}
+  if unknown:
+    raise ValueError(f"config.json layer_types {sorted(unknown)} are not supported")
+  if "sliding_attention" not in types:
+    return {}
+  return dict(
+      sliding_window=int(window),
+      layer_types=tuple("sliding" if t == "sliding_attention" else "global" for t in types),
+  )
+
+
+def hf_config_from_model_config(cfg: ModelConfig, base: dict | None = None) -> dict[str, Any]:
+  """A `config.json` for `cfg`: `base` (the imported model's config, for its token ids and other
+  keys we do not model) with every architecture key set from `cfg`."""
+  if cfg.family not in FAMILIES:
+    raise ValueError(f"model.family={cfg.family!r}: export supports {', '.join(FAMILIES)}")
+  out = dict(base or {})
+  for stale in ("rope_parameters", "rope_scaling", "layer_types", "torch_dtype", "dtype"):
+    out.pop(stale, None)
+  out.update(
+      architectures=[ARCHITECTURES[cfg.family]],
+      model_type=cfg.family,
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model,
+      num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim,
+      intermediate_size=cfg.d_ff,
+      rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta,
+      tie_word_embeddings=cfg.tie_embeddings,
+      hidden_act=_HF_ACTIVATIONS[cfg.activation],
+  )
+  out.setdefault("max_position_embeddings", 8192)
+  if cfg.family == "llama":
+    out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    if cfg.qkv_bias != cfg.o_bias:
+      raise ValueError("a Llama export needs qkv_bias == o_bias (attention_bias)")
+  elif cfg.family == "qwen2":
+    if not cfg.qkv_bias or cfg.o_bias:
+      raise ValueError("a Qwen2 export needs qkv_bias=True and o_bias=False")
+  else:
+    out.update(hidden_activation=_HF_ACTIVATIONS[cfg.activation])
+    if not (cfg.norm_plus_one and cfg.embed_scale):
+      raise ValueError("a Gemma export needs norm_plus_one=True and embed_scale=True")
+    if cfg.qkv_bias or cfg.o_bias:
+      raise ValueError("a Gemma export cannot have attention biases")
+  if cfg.family == "gemma2":
+    out.update(
+        query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
+        attn_logit_softcapping=cfg.attn_softcap or None,
+        final_logit_softcapping=cfg.final_softcap or None,
+        sliding_window=cfg.sliding_window or None,
+    )
+  elif cfg.post_norms or cfg.attn_softcap or cfg.final_softcap or cfg.query_pre_attn_scalar:
+    raise ValueError("post-norms, soft-capping and query_pre_attn_scalar need family gemma2")
+  if cfg.layer_types:
+    out["layer_types"] = [
+        "sliding_attention" if t == "sliding" else "full_attention" for t in cfg.layer_types
+    ]
+    out["sliding_window"] = cfg.sliding_window
+    if cfg.family == "qwen2":
+      out["use_sliding_window"] = True
+      first = cfg.layer_types.index("sliding")
+      if cfg.layer_types != ("global",) * first + ("sliding",) * (cfg.n_layers - first):
+        raise ValueError("a Qwen2 export needs its sliding layers after its global ones")
+      out["max_window_layers"] = first
+    elif cfg.family in ("llama", "gemma"):
+      raise ValueError(f"family {cfg.family} has no sliding-window layers")
+  elif cfg.family == "qwen2":
+    out["use_sliding_window"] = False
+  if cfg.rope_type == "linear":
+    out["rope_scaling"] = dict(rope_type="linear", factor=cfg.rope_factor)
+  elif cfg.rope_type == "llama3":
+    out["rope_scaling"] = dict(
+        rope_type="llama3",
+        factor=cfg.rope_factor,
+        low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_position_embeddings=cfg.rope_original_max_position,
+    )
+  return out
+
+
+def _int_if_whole(x: float):
+  return int(x) if float(x).is_integer() else x
