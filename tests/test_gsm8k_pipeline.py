@@ -34,7 +34,7 @@ def test_gsm8k_tiny_runs_every_stage(tmp_path):
   files = os.listdir(prepared / "1.0.0")
   assert any(f.startswith("gsm8k_local-train.array_record") for f in files)
   assert any(f.startswith("tokenizer_1024_") for f in files)
-  for stage in ("sft", "sample", "dqo", "eval"):
+  for stage in ("sft", "sample", "dqo", "eval/dqo"):
     assert os.path.exists(tmp_path / stage / "DONE.json"), stage
   for stage, steps in (("sft", 20), ("dqo", 10)):
     assert str(steps) in os.listdir(tmp_path / stage / "checkpoints")
