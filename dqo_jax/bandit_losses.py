@@ -110,7 +110,7 @@ def dpo_loss(
     pair_mask: [P] 1 on real pairs, 0 on padding pairs; None for all real.
 
   Returns:
-    (scalar loss, metrics): reward_margin_mean (beta (l_w - l_l)), accuracy
+    (scalar loss, metrics): reward_margin_mean (beta (l_w - l_l)), preference_accuracy
     (fraction with l_w > l_l), chosen_logratio_mean, rejected_logratio_mean,
     all over real pairs.
   """
@@ -126,7 +126,7 @@ def dpo_loss(
   per_pair = _masked(-jax.nn.log_sigmoid(margin), valid, dtype)
   metrics = {
       "reward_margin_mean": _mean(margin, valid),
-      "accuracy": _mean(_masked(lw > ll, valid, dtype), valid),
+      "preference_accuracy": _mean(_masked(lw > ll, valid, dtype), valid),
       "chosen_logratio_mean": _mean(lw, valid),
       "rejected_logratio_mean": _mean(ll, valid),
   }

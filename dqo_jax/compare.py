@@ -84,7 +84,10 @@ def _result(workdir: str, name: str) -> dict | None:
     acc = json.load(f)["summary"][name]
   with open(os.path.join(workdir, name, "DONE.json")) as f:
     train_seconds = json.load(f)["seconds"]
+  # The accuracy monitor logs every `eval.every` steps; keep only its points.
+  every = json.load(open(os.path.join(workdir, "config.json")))["eval"]["every"]
   curve = read_scalars(os.path.join(workdir, name, "tb")).get("accuracy", [])
+  curve = [(s, v) for s, v in curve if every and s % every == 0]
   return dict(acc, train_seconds=train_seconds, curve=curve)
 
 

@@ -57,7 +57,7 @@ def ref_dpo(lw, ll, valid, beta):
   pairs = [(w, l) for w, l, m in zip(lw.tolist(), ll.tolist(), valid) if m]
   return mean([softplus(-beta * (w - l)) for w, l in pairs]), {
       "reward_margin_mean": mean([beta * (w - l) for w, l in pairs]),
-      "accuracy": mean([1.0 if w > l else 0.0 for w, l in pairs]),
+      "preference_accuracy": mean([1.0 if w > l else 0.0 for w, l in pairs]),
       "chosen_logratio_mean": mean([w for w, _ in pairs]),
       "rejected_logratio_mean": mean([l for _, l in pairs]),
   }
@@ -290,7 +290,7 @@ def test_one_sample():
   one = lambda x: np.array([x])
   loss, metrics = bl.dpo_loss(one(1.0), one(-0.5), beta=2.0)
   np.testing.assert_allclose(float(loss), softplus(-3.0), rtol=TOL)
-  assert float(metrics["accuracy"]) == 1.0
+  assert float(metrics["preference_accuracy"]) == 1.0
 
   np.testing.assert_allclose(float(bl.kto_z0(one(-4.0))), 0.0)
   np.testing.assert_allclose(float(bl.kto_z0(one(4.0))), 4.0)
