@@ -54,15 +54,7 @@ def get_config(arg: str = ""):
 
   # Mesh sizes over all devices (-1 = the rest) and logical-axis -> mesh-axis rules.
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.mesh.rules = (
-      ("batch", ("data", "fsdp")),
-      ("vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("head_dim", None),
-  )
+  c.mesh.rules = common.MESH_RULES
 
   c.checkpoint = dict(every=200, keep=2)
   c.log_every = 25

@@ -14,6 +14,18 @@ PRETRAINED = {
 }
 
 
+# Logical axis -> mesh axis: batch over (data, fsdp), weights FSDP over embed, TP over the rest.
+MESH_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+)
+
+
 def optimizer(lr, warmup_steps, *, weight_decay=0.0):
   return ml_collections.ConfigDict(
       dict(
@@ -70,15 +82,7 @@ def base_config():
   c.stages = "sft,sample,rollouts,train,eval"  # rollouts: only for DQO + process
   # Mesh sizes over all devices (-1 = the rest) and logical-axis -> mesh-axis rules.
   c.mesh = dict(data=1, fsdp=-1, tensor=1)
-  c.mesh.rules = (
-      ("batch", ("data", "fsdp")),
-      ("vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("head_dim", None),
-  )
+  c.mesh.rules = MESH_RULES
   c.checkpoint = dict(every=200, keep=2)
   c.log_every = 10
   c.sft = dict(steps=1000, batch_size=64, optimizer=optimizer(1e-5, 50))
@@ -86,6 +90,31 @@ def base_config():
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
   add_methods(c, steps=1000, batch_size=64, policy_lr=1e-6, value_lr=1e-5, beta=0.1)
   c.eval = dict(num_examples=-1, batch_size=64, max_new_tokens=512, every=200, monitor_examples=128)
+  return c
+
+
+def task_config(task, *, max_prompt_len, max_response_len, instruction, template):
+  """base_config() with the `data` section of a real task (GSM8K, MATH) and its tokenizer."""
+  c = base_config()
+  c.data = dict(
+      task=task,
+      dir="",  # "" = <workdir>/data; the prepared TFDS dataset (and any tokenizer) live there
+      local_dir="",  # a local copy of the data; what "" means depends on the task
+      num_train=-1,  # keep the first N examples of a split (-1 = all)
+      num_test=-1,
+      max_prompt_len=max_prompt_len,
+      max_response_len=max_response_len,
+      prompt=dict(
+          style="zero_shot",  # or "few_shot"
+          num_shots=4,  # few_shot only
+          exemplars="builtin",  # few_shot: "builtin" (dqo_jax/data/prompts.py) or "train"
+          instruction=instruction,
+          template=template,
+          chat_template="",  # "" = plain text; "model" = the tokenizer's chat template
+      ),
+  )
+  c.tokenizer = dict(vocab_size=0)  # 0: the pretrained model's own tokenizer
+  c.eval.max_new_tokens = max_response_len
   return c
 
 

@@ -35,26 +35,14 @@ INSTRUCTION = "Solve the problem step by step. Put the final answer in \\boxed{}
 
 def get_config(arg: str = ""):
   preset = arg or "qwen2_7b"
-  c = common.base_config()
-  c.data = dict(
-      task="math",
-      dir="",  # "" = <workdir>/data; the prepared TFDS dataset (and any tokenizer) live there
-      local_dir="",  # required: a local copy of MATH (see above)
-      num_train=-1,  # keep the first N examples of a split (-1 = all)
-      num_test=-1,
+  c = common.task_config(
+      "math",
       max_prompt_len=512,
       max_response_len=1024,
-      prompt=dict(
-          style="zero_shot",  # or "few_shot"
-          num_shots=4,  # few_shot only
-          exemplars="builtin",  # few_shot: "builtin" (dqo_jax/data/prompts.py) or "train"
-          instruction=INSTRUCTION,
-          template="Problem: {question}\nSolution:\n",
-          chat_template="",  # "" = plain text; "model" = the tokenizer's chat template
-      ),
+      instruction=INSTRUCTION,
+      template="Problem: {question}\nSolution:\n",
   )
-  c.tokenizer = dict(vocab_size=0)  # 0: the pretrained model's own tokenizer
-  c.eval.max_new_tokens = c.data.max_response_len
+  # data.local_dir: required: a local copy of MATH (see above)
 
   if preset in common.PRETRAINED:
     c.model = common.pretrained_model(preset)
