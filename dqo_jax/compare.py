@@ -81,14 +81,15 @@ def _result(workdir: str, name: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    acc = json.load(f)["summary"][name]
+    done = json.load(f)
+  acc, eval_seconds = done["summary"][name], done["seconds"]
   with open(os.path.join(workdir, name, "DONE.json")) as f:
     train_seconds = json.load(f)["seconds"]
   # The accuracy monitor logs every `eval.every` steps; keep only its points.
   every = json.load(open(os.path.join(workdir, "config.json")))["eval"]["every"]
   curve = read_scalars(os.path.join(workdir, name, "tb")).get("accuracy", [])
   curve = [(s, v) for s, v in curve if every and s % every == 0]
-  return dict(acc, train_seconds=train_seconds, curve=curve)
+  return dict(acc, train_seconds=train_seconds, eval_seconds=eval_seconds, curve=curve)
 
 
 def run_all(config, workdir: str, runs: dict, parallel: int) -> dict:
@@ -160,8 +161,16 @@ def run_all(config, workdir: str, runs: dict, parallel: int) -> dict:
       sft_checkpoint=sft,
       runs=results,
       base_seconds=base_stages,
-      base_wall_seconds=round(base_seconds, 1),
-      runs_wall_seconds=round(time.time() - t0, 1),
+      # Summed from each run's own stage times, so a resumed comparison still reports them all.
+      runs_seconds=round(
+          sum(
+              r["train_seconds"] + r["eval_seconds"]
+              for seeds in results.values()
+              for r in seeds.values()
+          ),
+          1,
+      ),
+      this_invocation_wall_seconds=round(base_seconds + time.time() - t0, 1),
       parallel=parallel,
   )
 
@@ -198,9 +207,10 @@ def markdown(results: dict, rows: dict) -> str:
   base = ", ".join(f"{k} {v:.0f} s" for k, v in results["base_seconds"].items())
   lines += [
       "",
-      f"Shared stages (computed once): {base}. Method runs: {results['runs_wall_seconds']:.0f} s "
-      f"wall time, {results['parallel']} at a time. Accuracy: greedy decoding on the test split, "
-      "mean ± sample std over seeds; 'train s/run' includes the periodic accuracy monitor.",
+      f"Shared stages (computed once): {base}. Method runs: {results['runs_seconds']:.0f} s "
+      f"summed over runs (train + eval), {results['parallel']} at a time. Accuracy: greedy "
+      "decoding on the test split, mean ± sample std over seeds; 'train s/run' includes the "
+      "periodic accuracy monitor.",
   ]
   return "\n".join(lines) + "\n"
 
@@ -211,7 +221,7 @@ def plot(results: dict, rows: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, (bars, curves) = plt.subplots(1, 2, figsize=(13, 4.5))
+  fig, (bars, curves) = plt.subplots(1, 2, figsize=(15, 4.5))
   labels = list(rows)
   x = np.arange(len(labels))
   bars.bar(x, [rows[l]["mean"] for l in labels], yerr=[rows[l]["std"] for l in labels], capsize=4)
@@ -220,18 +230,19 @@ def plot(results: dict, rows: dict, path: str) -> None:
   bars.set_ylabel("greedy test accuracy")
   bars.set_title("mean ± std over seeds")
   bars.legend()
-  for label in labels:
+  colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(labels), 2)))
+  for color, label in zip(colors, labels):
     curves_by_seed = [r["curve"] for r in results["runs"][label].values() if r["curve"]]
     if not curves_by_seed:
       continue
     steps = [s for s, _ in curves_by_seed[0]]
     n = min(len(c) for c in curves_by_seed)
     mean = np.mean([[v for _, v in c[:n]] for c in curves_by_seed], axis=0)
-    curves.plot(steps[:n], mean, marker="o", label=label)
+    curves.plot(steps[:n], mean, marker="o", label=label, color=color)
   curves.set_xlabel("training step")
   curves.set_ylabel("accuracy on the monitored test slice")
   curves.set_title("while training (mean over seeds)")
-  curves.legend(fontsize=8)
+  curves.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

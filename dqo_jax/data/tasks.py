@@ -152,10 +152,10 @@ def load_tokenizer(config, task: Task) -> Tokenizer:
 def check_model_path(config) -> None:
   """A preset that fine-tunes a pretrained model names it in `config.model.path`: fail early,
   in one line, when it is empty or absent."""
-  if "path" not in config.model:
+  path = config.model.get("path", "")
+  name = config.model.get("name", "")
+  if not path and not name:
     return  # a model trained from scratch, described by the config itself
-  path = config.model.path
-  name = config.model.get("name", "the pretrained model")
   if not path:
     raise UserError(
         f"this config fine-tunes {name}: pass --config.model.path=DIR, a directory holding its "
@@ -164,7 +164,7 @@ def check_model_path(config) -> None:
   if not os.path.isdir(os.path.expanduser(path)):
     raise UserError(
         f"config.model.path={path}: no such directory; pass --config.model.path=DIR, a directory "
-        f"holding the weights and tokenizer of {name}"
+        f"holding the weights and tokenizer of {name or 'the model'}"
     )
   from dqo_jax import convert
 
