@@ -217,6 +217,12 @@ def test_llama3_headers(tmp_path, template):
   assert ours.eos_id == theirs.convert_tokens_to_ids("<|eot_id|>")
   assert ours.pad_id == theirs.convert_tokens_to_ids("<|finetune_right_pad_id|>")
   _same_as_transformers(ours, theirs)
+  # A chat-rendered prompt starts with the template's BOS; the pipeline adds no second one.
+  from dqo_jax.data.batches import encode_prompt
+
+  chat = lambda q: ours.apply_chat_template([{"role": "user", "content": q}])
+  ids = encode_prompt(ours, "What is 2+2?", chat)
+  assert ids[0] == ours.bos_id and ids.count(ours.bos_id) == 1
 
 
 def test_gemma_sentencepiece_turns(tmp_path):

@@ -153,3 +153,18 @@ def test_encode_examples_uses_the_rendered_prompt(tmp_path):
   row = enc.arrays["prompt"][0][enc.arrays["prompt_mask"][0] == 1]
   assert row[0] == tok.bos_id and tok.decode(row[1:]) == "Solve.\n\nQ: Train question 0?\nA:\n"
   assert len(encode_examples(tok, TRAIN, 8, 32, render)) == 0  # too long: dropped, not cut
+
+
+def test_a_prompt_that_already_starts_with_bos_gets_no_second_one():
+  from dqo_jax.data.batches import encode_prompt
+
+  class Tok:
+    bos_id, add_bos = 2, True
+
+    def encode(self, text):
+      return [2, 7] if text.startswith("<bos>") else [7]
+
+  assert encode_prompt(Tok(), "<bos>q", lambda q: q) == [2, 7]
+  assert encode_prompt(Tok(), "q", lambda q: q) == [2, 7]
+  Tok.add_bos = False
+  assert encode_prompt(Tok(), "q", lambda q: q) == [7]

@@ -23,8 +23,11 @@ def prompt_text(question: str) -> str:
 def encode_prompt(
     tok: Tokenizer, question: str, prompt_fn: Callable[[str], str] = prompt_text
 ) -> list[int]:
-  # Qwen has no BOS (`add_bos` False); every other tokenizer here starts prompts with one.
-  return [tok.bos_id] * getattr(tok, "add_bos", True) + tok.encode(prompt_fn(question))
+  ids = tok.encode(prompt_fn(question))
+  # Qwen has no BOS (`add_bos` False); every other tokenizer here starts prompts with one,
+  # unless the text already begins with it (a chat template writes its own BOS).
+  bos = getattr(tok, "add_bos", True) and (not ids or ids[0] != tok.bos_id)
+  return [tok.bos_id] * bos + ids
 
 
 def encode_response(tok: Tokenizer, solution: str) -> list[int]:
