@@ -24,10 +24,7 @@ _settings = settings(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.usefixtures("x64")  # float64 references: see conftest.py
 
 
 # ----------------------------------------------------------------------------

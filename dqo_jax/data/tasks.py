@@ -76,17 +76,6 @@ def _gsm8k_example(raw: dict) -> dict:
   )
 
 
-def _gsm8k(config, workdir: str) -> Task:
-  d = config.data
-  local_dir = d.get("local_dir", "")
-  data_dir = _data_dir(config, workdir)
-  raw = gsm8k_tfds.load_gsm8k(data_dir, local_dir)
-  caps = dict(train=d.get("num_train", -1), test=d.get("num_test", -1))
-  splits = {s: [_gsm8k_example(r) for r in _cap(raw[s], caps[s])] for s in ("train", "test")}
-  texts = lambda: _texts(splits["train"], "gsm8k")
-  return Task("gsm8k", splits, texts, gsm8k_tfds.gsm8k_builder(data_dir, local_dir).data_dir)
-
-
 def _math_example(raw: dict) -> dict:
   return dict(
       question=raw["problem"],
@@ -99,22 +88,30 @@ def _math_example(raw: dict) -> dict:
   )
 
 
-def _math(config, workdir: str) -> Task:
-  d = config.data
-  local_dir = d.get("local_dir", "")
-  data_dir = _data_dir(config, workdir)
-  raw = math_tfds.load_math(data_dir, local_dir)
-  caps = dict(train=d.get("num_train", -1), test=d.get("num_test", -1))
-  splits = {s: [_math_example(r) for r in _cap(raw[s], caps[s])] for s in ("train", "test")}
-  texts = lambda: _texts(splits["train"], "math")
-  return Task("math", splits, texts, math_tfds.math_builder(data_dir, local_dir).data_dir)
-
-
 def _texts(train: list[dict], task: str) -> list[str]:
   """Train questions and solutions plus the fixed prompt texts (instruction, exemplars), so that
   a tokenizer trained on them covers every prompt whatever `config.data.prompt` says."""
   return [t for ex in train for t in (ex["question"], ex["solution"])] + prompts.builtin_texts(task)
 
+
+def _real_task(name: str, load, builder, example):
+  """A task prepared from downloaded or local files: `load(data_dir, local_dir)` gives the raw
+  splits, `example(raw)` one pipeline example; data.num_train/num_test cap the splits."""
+
+  def task(config, workdir: str) -> Task:
+    d = config.data
+    local_dir, data_dir = d.get("local_dir", ""), _data_dir(config, workdir)
+    raw = load(data_dir, local_dir)
+    caps = dict(train=d.get("num_train", -1), test=d.get("num_test", -1))
+    splits = {s: [example(r) for r in _cap(raw[s], caps[s])] for s in ("train", "test")}
+    texts = lambda: _texts(splits["train"], name)
+    return Task(name, splits, texts, builder(data_dir, local_dir).data_dir)
+
+  return task
+
+
+_gsm8k = _real_task("gsm8k", gsm8k_tfds.load_gsm8k, gsm8k_tfds.gsm8k_builder, _gsm8k_example)
+_math = _real_task("math", math_tfds.load_math, math_tfds.math_builder, _math_example)
 
 TASKS: dict[str, Callable[[object, str], Task]] = {"arith": _arith, "gsm8k": _gsm8k, "math": _math}
 
