@@ -22,10 +22,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from dqo_jax.errors import UserError
-from dqo_jax.main import CONFIG, WORKDIR, check_workdir, parse_flags
+from dqo_jax.main import check_workdir, command_line, parse_flags
 from dqo_jax.metrics import read_scalars, write_json_atomic
 from dqo_jax.stages.context import run_name
 
@@ -76,17 +76,20 @@ def _link_base(base: str, workdir: str) -> None:
       os.symlink(os.path.join(base, stage), link)
 
 
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
 def _result(workdir: str, name: str) -> dict | None:
   path = os.path.join(workdir, "eval", name, "DONE.json")
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    done = json.load(f)
+  done = _read_json(path)
   acc, eval_seconds = done["summary"][name], done["seconds"]
-  with open(os.path.join(workdir, name, "DONE.json")) as f:
-    train_seconds = json.load(f)["seconds"]
+  train_seconds = _read_json(os.path.join(workdir, name, "DONE.json"))["seconds"]
   # The accuracy monitor logs every `eval.every` steps; keep only its points.
-  every = json.load(open(os.path.join(workdir, "config.json")))["eval"]["every"]
+  every = _read_json(os.path.join(workdir, "config.json"))["eval"]["every"]
   curve = read_scalars(os.path.join(workdir, name, "tb")).get("accuracy", [])
   curve = [(s, v) for s, v in curve if every and s % every == 0]
   return dict(acc, train_seconds=train_seconds, eval_seconds=eval_seconds, curve=curve)
@@ -114,12 +117,7 @@ def run_all(config, workdir: str, runs: dict, parallel: int) -> dict:
   jobs = []
   for label, (overrides, seeds) in runs.items():
     probe = config.copy_and_resolve_references()
-    for k, v in overrides.items():
-      node = probe
-      *path, leaf = k.split(".")
-      for p in path:
-        node = node[p]
-      node[leaf] = v
+    probe.update_from_flattened_dict(overrides)
     for seed in range(seeds):
       run_dir = os.path.join(workdir, "runs", label, f"seed{seed}")
       jobs.append((label, seed, run_dir, run_name(probe), dict(overrides, seed=seed)))
@@ -132,7 +130,6 @@ def run_all(config, workdir: str, runs: dict, parallel: int) -> dict:
     if _result(run_dir, name) is not None:
       return
     _link_base(base, run_dir)
-    os.makedirs(run_dir, exist_ok=True)
     command = _run_command(config_file, run_dir, overrides)
     if pin:
       command = ["taskset", "-c", str(cores[job_index % parallel])] + command
@@ -150,10 +147,9 @@ def run_all(config, workdir: str, runs: dict, parallel: int) -> dict:
     r = _result(run_dir, name)
     if r is not None:
       results.setdefault(label, {})[seed] = r
-  with open(os.path.join(base, "eval", "sft", "result.json")) as f:
-    sft = json.load(f)
+  sft = _read_json(os.path.join(base, "eval", "sft", "result.json"))
   base_stages = {
-      s: json.load(open(os.path.join(base, s, "DONE.json")))["seconds"]
+      s: _read_json(os.path.join(base, s, "DONE.json"))["seconds"]
       for s in ("sft", "sample", "rollouts")
       if os.path.exists(os.path.join(base, s, "DONE.json"))
   }
@@ -249,12 +245,7 @@ def plot(results: dict, rows: dict, path: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  config = CONFIG.value
-  if config is None or not WORKDIR.value:
-    raise app.UsageError("both --config=FILE and --workdir=DIR are required")
+  config, workdir = command_line(argv)
   unknown = [m for m in _METHODS.value if m not in METHODS]
   if unknown:
     print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
@@ -263,7 +254,7 @@ def main(argv):
   if _ABLATIONS.value:
     runs.update({k: (v, _ABLATION_SEEDS.value) for k, v in ABLATIONS.items()})
   try:
-    workdir = check_workdir(WORKDIR.value)
+    workdir = check_workdir(workdir)
     results = run_all(config, workdir, runs, _PARALLEL.value)
   except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -19,8 +19,8 @@ from ml_collections import config_flags
 
 from dqo_jax.errors import UserError
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
 
 
 def check_workdir(workdir: str) -> str:
@@ -155,18 +155,23 @@ def run_pipeline(config, workdir: str) -> dict:
   return {}
 
 
-def main(argv):
+def command_line(argv):
+  """(config, workdir) from the flags shared by the commands (this one and dqo_jax.compare)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   # Orbax and TFDS log every file they touch at INFO; the progress bars say what matters.
   logging.set_verbosity(logging.WARNING)
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("both --config=FILE and --workdir=DIR are required")
+  return _CONFIG.value, _WORKDIR.value
+
+
+def main(argv):
   from dqo_jax.train.loop import Interrupted
 
-  config = CONFIG.value
-  if config is None or not WORKDIR.value:
-    raise app.UsageError("both --config=FILE and --workdir=DIR are required")
+  config, workdir = command_line(argv)
   try:
-    run_pipeline(config, WORKDIR.value)
+    run_pipeline(config, workdir)
   except Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(130)
@@ -193,7 +198,7 @@ def parse_flags(argv):
   """absl's parser, with a bad config file or override reported as one line."""
   try:
     argv = flags.FLAGS(argv)
-    CONFIG.value.keys()  # a config file that failed to load raises on first use
+    _CONFIG.value.keys()  # a config file that failed to load raises on first use
     return argv
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     print(f"error: {_one_line(e)} (check --config and its --config.* overrides)", file=sys.stderr)
