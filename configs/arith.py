@@ -70,8 +70,16 @@ def get_config(arg: str = ""):
   # came closest to SFT and 0.1 fell furthest below it; see docs/results.md.
   common.add_methods(c, steps=400, batch_size=16, policy_lr=1e-4, value_lr=1e-3, beta=0.5)
 
-  # every: greedy accuracy on the first monitor_examples test problems while training (0 = off)
-  c.eval = dict(num_examples=-1, batch_size=250, max_new_tokens=64, every=200, monitor_examples=250)
+  # every: greedy accuracy on the first monitor_examples test problems while training (0 = off);
+  # samples_per_problem = k: also the accuracy of temperature samples, pass@k and maj@k (0 = off)
+  c.eval = dict(
+      num_examples=-1,
+      batch_size=250,
+      max_new_tokens=64,
+      every=200,
+      monitor_examples=250,
+      samples_per_problem=4,
+  )
 
   if arg == "tiny":  # the reduced end-to-end run of the test suite
     c.data.update(num_train=256, num_test=64)

@@ -89,7 +89,15 @@ def base_config():
   c.sample = dict(num_prompts=-1, samples_per_prompt=4, temperature=1.0, batch_size=64)
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
   add_methods(c, steps=1000, batch_size=64, policy_lr=1e-6, value_lr=1e-5, beta=0.1)
-  c.eval = dict(num_examples=-1, batch_size=64, max_new_tokens=512, every=200, monitor_examples=128)
+  # samples_per_problem = k > 0: also the accuracy of temperature samples, pass@k and maj@k
+  c.eval = dict(
+      num_examples=-1,
+      batch_size=64,
+      max_new_tokens=512,
+      every=200,
+      monitor_examples=128,
+      samples_per_problem=0,
+  )
   return c
 
 

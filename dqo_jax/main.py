@@ -150,7 +150,7 @@ def run_pipeline(config, workdir: str) -> dict:
   if os.path.exists(results_file):
     with open(results_file) as f:
       results = json.load(f)
-    print("\nGreedy accuracy on the test split\n" + evaluate.format_table(results))
+    print("\nAccuracy on the test split\n" + evaluate.format_table(results))
     return results
   return {}
 

@@ -49,7 +49,7 @@ def test_gsm8k_tiny_runs_every_stage(tmp_path):
   for r in results.values():
     assert r["n"] == 32 and 0.0 <= r["accuracy"] <= 1.0
     assert r["by_steps"] and {int(k) for k in r["by_steps"]} <= set(range(2, 12))
-  assert "Greedy accuracy on the test split" in proc.stdout
+  assert "Accuracy on the test split" in proc.stdout
 
 
 def _one_line_error(proc, *expected):

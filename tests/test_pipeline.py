@@ -62,7 +62,10 @@ def test_every_stage_writes_its_outputs(finished):
   assert set(results) == {"sft", "dqo"}
   for r in results.values():
     assert 0.0 <= r["accuracy"] <= 1.0 and set(r["by_steps"]) <= {"2", "3", "4", "5"}
-  assert "Greedy accuracy on the test split" in proc.stdout
+    s = r["sampled"]
+    assert s["k"] == 4 and 0.0 <= s["accuracy"] <= s["pass_at_k"] <= 1.0
+    assert s["maj_at_k"] <= s["pass_at_k"]
+  assert "Accuracy on the test split" in proc.stdout and "maj@4" in proc.stdout
 
 
 def test_rerun_skips_finished_stages(finished):

@@ -1,5 +1,7 @@
 """Stage `eval`: greedy test accuracy of the SFT checkpoint and of the trained method's policy,
-overall and per step count. DIR/results.json gathers every method evaluated in the workdir."""
+overall and per step count, and with `eval.samples_per_problem` = k > 0 the accuracy of
+temperature samples, pass@k and maj@k. DIR/results.json gathers every method evaluated in the
+workdir."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import os
 
 from dqo_jax.metrics import ScalarWriter, write_json_atomic
 from dqo_jax.stages.context import Context, run_name
-from dqo_jax.stages.monitor import greedy_accuracy
+from dqo_jax.stages.monitor import greedy_accuracy, sampled_accuracy
 from dqo_jax.stages.train import trained_policy_params
 
 RESULT_FILE = "result.json"
@@ -21,7 +23,13 @@ def _evaluate(ctx: Context, name: str, params_fn) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  result = greedy_accuracy(ctx, params_fn(), ctx.config.eval.num_examples, desc=f"eval {name}")
+  cfg = ctx.config.eval
+  params = params_fn()
+  result = greedy_accuracy(ctx, params, cfg.num_examples, desc=f"eval {name}")
+  if cfg.samples_per_problem > 0:
+    result["sampled"] = sampled_accuracy(
+        ctx, params, cfg.samples_per_problem, cfg.num_examples, desc=f"sample {name}"
+    )
   os.makedirs(out_dir, exist_ok=True)
   writer = ScalarWriter(out_dir)
   writer.write(
@@ -29,6 +37,7 @@ def _evaluate(ctx: Context, name: str, params_fn) -> dict:
       {
           "accuracy": result["accuracy"],
           **{f"accuracy_steps_{k}": v for k, v in result["by_steps"].items()},
+          **{f"sampled_{k}": v for k, v in result.get("sampled", {}).items() if k != "k"},
       },
   )
   writer.close()
@@ -53,11 +62,20 @@ def run(ctx: Context) -> dict:
 
 
 def format_table(results: dict) -> str:
-  """A plain-text table: one row per method, overall accuracy and accuracy per step count."""
+  """A plain-text table: one row per method, greedy accuracy overall and per step count, and
+  the sampled figures where they were measured."""
   steps = sorted({k for r in results.values() for k in r["by_steps"]}, key=int)
-  header = ["method", "accuracy"] + [f"{s} steps" for s in steps]
+  k = next((r["sampled"]["k"] for r in results.values() if "sampled" in r), None)
+  sampled = [] if k is None else ["sampled", f"pass@{k}", f"maj@{k}"]
+  header = ["method", "greedy"] + [f"{s} steps" for s in steps] + sampled
+  fmt_value = lambda v: "-" if v is None else f"{v:.3f}"
   rows = [
-      [name, f"{r['accuracy']:.3f}"] + [f"{r['by_steps'].get(s, float('nan')):.3f}" for s in steps]
+      [name, fmt_value(r["accuracy"])]
+      + [fmt_value(r["by_steps"].get(s)) for s in steps]
+      + [
+          fmt_value(r.get("sampled", {}).get(key))
+          for key in ("accuracy", "pass_at_k", "maj_at_k")[: len(sampled)]
+      ]
       for name, r in results.items()
   ]
   widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
