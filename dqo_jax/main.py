@@ -192,9 +192,8 @@ def command_line(argv):
 
 
 def main(argv):
-  from dqo_jax.train.loop import Interrupted
-
   from dqo_jax import distributed
+  from dqo_jax.train.loop import Interrupted
 
   config, workdir = command_line(argv)
   try:

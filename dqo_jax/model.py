@@ -310,7 +310,9 @@ class Transformer(nn.Module):
     """
     c = self.cfg
     embed = self.param("embed", _init(("vocab", "embed")), (c.vocab_size, c.d_model))
-    x = embed[tokens].astype(c.compute_dtype)
+    # Gathered whole over fsdp first (as FSDP does for every weight): scattering the gradient into
+    # a table split over embed would first replicate the [B, L, D] cotangent on every device.
+    x = sharding.constrain(embed, ("vocab", None))[tokens].astype(c.compute_dtype)
     if c.embed_scale:
       # Rounded to the compute dtype first, as the reference Gemma does (55.4256 -> 55.5 in bf16).
       x = x * jnp.asarray(c.d_model**0.5, c.compute_dtype)

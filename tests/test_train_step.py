@@ -159,7 +159,7 @@ MESH_BLOCKS = {
 }
 
 
-@pytest.mark.parametrize("mesh_shape", sorted(MESH_BLOCKS))
+@pytest.mark.parametrize("mesh_shape", sorted(MESH_BLOCKS), ids=lambda m: "x".join(map(str, m)))
 def test_dqo_step_on_8_device_meshes_matches_one_device(mesh_shape):
   assert len(jax.devices()) >= 8, "conftest sets 8 simulated CPU devices"
   init_fn, step_fn, _, _ = _dqo_setup()
