@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dqo_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
 
@@ -28,14 +30,14 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = devices if devices is not None else jax.devices()
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError("config.mesh: at most one of data/fsdp/tensor may be -1")
+    raise UserError("config.mesh: at most one of data/fsdp/tensor may be -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"config.mesh: {len(devices)} devices do not divide by {known}")
+      raise UserError(f"config.mesh: {len(devices)} devices do not divide by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(
+    raise UserError(
         f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
         f"devices, found {len(devices)}; set one axis to -1"
     )

@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dqo_jax import sharding
+from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, Transformer
 
 COMMON = runpy.run_path(
@@ -117,3 +118,8 @@ def test_constrain_places_activations_only_inside_the_context():
   assert y.sharding.shard_shape(y.shape) == (2, 3, 2)
   np.testing.assert_array_equal(y, 2 * x)
   assert sharding.constrain(x, names) is x
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_a_one_line_user_error():
+  with pytest.raises(UserError, match="needs 4 devices, found 8; set one axis to -1"):
+    sharding.make_mesh(dict(data=2, fsdp=2, tensor=1), devices=jax.devices()[:8])
