@@ -15,8 +15,11 @@ PRETRAINED = {
 
 
 # Logical axis -> mesh axis: batch over (data, fsdp), weights FSDP over embed, TP over the rest.
+# A mesh axis serves the first rule that names it, so activations [batch, length, embed] are
+# split over batch only. "length" stays whole: the lambda-return scan runs along it.
 MESH_RULES = (
     ("batch", ("data", "fsdp")),
+    ("length", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -46,6 +49,7 @@ def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
   c.train = dict(
       steps=steps,
       batch_size=batch_size,  # examples per step: sequences, or (chosen, rejected) pairs for DPO
+      grad_accum_steps=1,  # micro-batches per step: the same update with 1/k of the activations
       policy_optimizer=optimizer(policy_lr, 20),
       value_optimizer=optimizer(value_lr, 20),  # DQO's V(s) and DRO's V(x)
   )
@@ -85,7 +89,7 @@ def base_config():
   c.mesh.rules = MESH_RULES
   c.checkpoint = dict(every=200, keep=2)
   c.log_every = 10
-  c.sft = dict(steps=1000, batch_size=64, optimizer=optimizer(1e-5, 50))
+  c.sft = dict(steps=1000, batch_size=64, grad_accum_steps=1, optimizer=optimizer(1e-5, 50))
   c.sample = dict(num_prompts=-1, samples_per_prompt=4, temperature=1.0, batch_size=64)
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
   add_methods(c, steps=1000, batch_size=64, policy_lr=1e-6, value_lr=1e-5, beta=0.1)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from dqo_jax import hf_config, safetensors_io
+from dqo_jax import hf_config, safetensors_io, sharding
 from dqo_jax.model import ModelConfig, Transformer
 
 # (Hugging Face name, our path, rule). Entries whose parameter the model does not have (biases,
@@ -121,7 +121,7 @@ def param_shardings(boxed, mesh: Mesh | None, rules):
     one = SingleDeviceSharding(jax.devices()[0])
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
     return jax.tree.map(lambda _: one, boxed, is_leaf=is_box)
-  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  return sharding.state_shardings(boxed, mesh, rules)
 
 
 def _flatten(tree, prefix=()):

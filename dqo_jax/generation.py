@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from dqo_jax import rewards, sharding
+from dqo_jax import distributed, rewards, sharding
 from dqo_jax.model import Transformer
 from dqo_jax.sampler import FINISH_LENGTH, Samples, generate
 from dqo_jax.tokenizer import Tokenizer
@@ -31,7 +31,6 @@ def generate_all(
 ) -> Samples:
   """Runs `generate` over all rows in fixed-size batches (the last one padded) -> numpy Samples."""
   n = prompt.shape[0]
-  batch_sh = sharding.batch_sharding(mesh)
   outs = []
   for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
     idx = np.arange(start, start + batch_size) % n  # wrap: one static shape for every batch
@@ -39,8 +38,7 @@ def generate_all(
     s = generate(
         model,
         params,
-        jax.device_put(prompt[idx], batch_sh),
-        jax.device_put(prompt_mask[idx], batch_sh),
+        *sharding.put_batch((prompt[idx], prompt_mask[idx]), mesh),
         key,
         max_new_tokens=max_new_tokens,
         eos_id=tok.eos_id,
@@ -48,7 +46,7 @@ def generate_all(
         temperature=temperature,
         greedy=greedy,
     )
-    outs.append(jax.tree.map(lambda x: np.asarray(x)[: min(batch_size, n - start)], s))
+    outs.append(jax.tree.map(lambda x: x[: min(batch_size, n - start)], distributed.fetch(s)))
   return Samples(*(np.concatenate(parts) for parts in zip(*outs)))
 
 

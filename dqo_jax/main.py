@@ -5,6 +5,10 @@ writes under its own directory (DIR/<stage>/; DIR/<run name>/ and DIR/eval/<run 
 method in `config.method`) and ends by writing DONE.json there; a stage with that file is
 skipped, and a training stage that was interrupted resumes from its last checkpoint. Config
 values are overridden on the command line, e.g. `--config.method=dpo --config.dqo.beta=0.05`.
+
+Multi-host: run the same command on every host, adding `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I` (I = 0..N-1); on a TPU pod slice the TPU environment supplies
+them (`--distributed=auto`, the default). DIR must be shared by the hosts.
 """
 
 from __future__ import annotations
@@ -21,13 +25,20 @@ from dqo_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "off"], "auto: multi-process from the flags below or a TPU pod"
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes (hosts) in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0..num_processes-1.")
 
 
 def check_workdir(workdir: str) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
+    # One probe per process: on a shared workdir the hosts must not remove each other's.
+    probe = os.path.join(workdir, f".write_probe.{os.uname().nodename}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -41,6 +52,7 @@ def check_workdir(workdir: str) -> str:
 def check_config(config) -> list[str]:
   from dqo_jax.stages.context import STAGES
   from dqo_jax.stages.train import METHODS
+  from dqo_jax.train import accumulate
 
   stages = [s.strip() for s in config.stages.split(",") if s.strip()]
   unknown = [s for s in stages if s not in STAGES]
@@ -48,6 +60,12 @@ def check_config(config) -> list[str]:
     raise UserError(f"config.stages names unknown stage(s) {unknown}; choose from {list(STAGES)}")
   if config.method not in METHODS:
     raise UserError(f"config.method={config.method!r}; choose from {', '.join(METHODS)}")
+  for section in ("sft", "train"):
+    accumulate.check_steps(
+        config[section].batch_size,
+        config[section].grad_accum_steps,
+        f"config.{section}.grad_accum_steps",
+    )
   d = config.dqo
   if d.importance_traces and d.c_max > d.rho_max:
     raise UserError(
@@ -97,6 +115,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def run_pipeline(config, workdir: str) -> dict:
+  from dqo_jax import distributed
   from dqo_jax.metrics import write_json_atomic
   from dqo_jax.stages import evaluate, rollouts, sample, sft, train
   from dqo_jax.stages.context import build_context, stage_output
@@ -124,7 +143,12 @@ def run_pipeline(config, workdir: str) -> dict:
           "finished stages keep their old results; use a new --workdir to rerun them"
       )
   write_json_atomic(config_file, current)
+  # Process 0 prepares the data (and trains the tokenizer) before the others read them.
+  if not distributed.is_writer():
+    distributed.barrier("data")
   ctx = build_context(config, workdir)
+  if distributed.is_writer():
+    distributed.barrier("data")
   print(
       f"[setup] {len(ctx.train)} train / {len(ctx.test)} test problems, "
       f"vocabulary {ctx.tokenizer.vocab_size}, devices {ctx.mesh.devices.size} "
@@ -145,6 +169,7 @@ def run_pipeline(config, workdir: str) -> dict:
     summary = runners[stage](ctx)
     timings[stage] = round(time.time() - t0, 1)
     write_json_atomic(done_file, dict(summary=summary, seconds=timings[stage]))
+    distributed.barrier(f"{label} done")  # the next stage reads what process 0 wrote
     print(f"[{label}] done in {timings[stage]:.0f}s: {describe(summary)}")
   results_file = os.path.join(workdir, "results.json")
   if os.path.exists(results_file):
@@ -167,10 +192,14 @@ def command_line(argv):
 
 
 def main(argv):
+  from dqo_jax import distributed
   from dqo_jax.train.loop import Interrupted
 
   config, workdir = command_line(argv)
   try:
+    distributed.initialize(
+        _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
     run_pipeline(config, workdir)
   except Interrupted as e:
     print(e, file=sys.stderr)

@@ -8,20 +8,25 @@ import os
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from dqo_jax.distributed import is_writer
+
 
 class ScalarWriter:
-  """Writes scalars to `<stage_dir>/tb`; one event file per process start."""
+  """Writes scalars to `<stage_dir>/tb`; one event file per run start (none off process 0)."""
 
   def __init__(self, stage_dir: str):
-    self._writer = SummaryWriter(os.path.join(stage_dir, "tb"))
+    self._writer = SummaryWriter(os.path.join(stage_dir, "tb")) if is_writer() else None
 
   def write(self, step: int, scalars: dict[str, float]):
+    if self._writer is None:
+      return
     for name, value in scalars.items():
       self._writer.add_scalar(name, float(value), global_step=step)
     self._writer.flush()
 
   def close(self):
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()
 
 
 def mean_metrics(history: list[dict]) -> dict[str, float]:
@@ -30,6 +35,9 @@ def mean_metrics(history: list[dict]) -> dict[str, float]:
 
 
 def write_json_atomic(path: str, obj) -> None:
+  """Writes `obj` as JSON on process 0 (the others' results are the same)."""
+  if not is_writer():
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)

@@ -4,7 +4,8 @@ One configurable network covers the embedded model and the Hugging Face families
 Qwen2/2.5 and Gemma 1/2 (`ModelConfig.from_hf`; the weight maps are in `dqo_jax.convert`).
 One network serves as the policy (language-model head) and as the value model (scalar head).
 Every parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads", "head_dim",
-"mlp"); `dqo_jax.sharding` maps them onto the device mesh.
+"mlp"), and activations are constrained at block boundaries by the same names plus "batch" and
+"length" (`_constrain`); `dqo_jax.sharding` maps them onto the device mesh.
 
 Layout conventions used everywhere in the project:
   * a sequence is [left-padded prompt | right-padded response]; `attention_mask` [B, L] marks
@@ -24,6 +25,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dqo_jax import sharding
 
 Cache = dict[str, Any]
 
@@ -122,6 +125,13 @@ def _init(names, init=nn.initializers.normal(0.02)):
   return nn.with_logical_partitioning(init, names)
 
 
+def _constrain(x, *names):
+  """Pins an activation [batch, length, *names] to the mesh (a no-op outside
+  `dqo_jax.sharding.activation_constraints`), so XLA keeps the batch split and tensor-parallel
+  axes where the rules say instead of guessing."""
+  return sharding.constrain(x, ("batch", "length", *names))
+
+
 class RMSNorm(nn.Module):
   eps: float
   plus_one: bool = False  # Gemma: y * (1 + scale), the stored scale starting at 0
@@ -198,6 +208,8 @@ class Attention(nn.Module):
     q = dense((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), "q")(x)
     k = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k")(x)
     v = dense((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v")(x)
+    q = _constrain(q, "heads", "head_dim")
+    k, v = (_constrain(a, "kv_heads", "head_dim") for a in (k, v))
     q, k = rotary(q, positions, c), rotary(k, positions, c)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, L, Dh]
     if kv is not None:
@@ -223,7 +235,7 @@ class Attention(nn.Module):
       out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], -2)[:, None]
     else:
       out = jnp.einsum("bkgls,bksd->blkgd", probs, v)
-    out = out.reshape(b, l, c.n_heads, c.head_dim)
+    out = _constrain(out.reshape(b, l, c.n_heads, c.head_dim), "heads", "head_dim")
     out = nn.DenseGeneral(
         c.d_model,
         axis=(-2, -1),
@@ -257,7 +269,7 @@ class SwiGLU(nn.Module):
     )
     act = _activation(c.activation)
     h = act(dense(c.d_ff, ("embed", "mlp"), "gate")(x)) * dense(c.d_ff, ("embed", "mlp"), "up")(x)
-    return dense(c.d_model, ("mlp", "embed"), "down")(h)
+    return dense(c.d_model, ("mlp", "embed"), "down")(_constrain(h, "mlp"))
 
 
 class Block(nn.Module):
@@ -274,7 +286,7 @@ class Block(nn.Module):
     h = SwiGLU(c, name="mlp")(norm("mlp_norm")(x))
     if c.post_norms:
       h = norm("post_mlp_norm")(h)
-    return x + h, kv
+    return _constrain(x + h, "embed"), kv
 
 
 class Transformer(nn.Module):
@@ -298,10 +310,13 @@ class Transformer(nn.Module):
     """
     c = self.cfg
     embed = self.param("embed", _init(("vocab", "embed")), (c.vocab_size, c.d_model))
-    x = embed[tokens].astype(c.compute_dtype)
+    # Gathered whole over fsdp first (as FSDP does for every weight): scattering the gradient into
+    # a table split over embed would first replicate the [B, L, D] cotangent on every device.
+    x = sharding.constrain(embed, ("vocab", None))[tokens].astype(c.compute_dtype)
     if c.embed_scale:
       # Rounded to the compute dtype first, as the reference Gemma does (55.4256 -> 55.5 in bf16).
       x = x * jnp.asarray(c.d_model**0.5, c.compute_dtype)
+    x = _constrain(x, "embed")
     if cache is None:
       positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
       slots = query_slots = jnp.arange(tokens.shape[1])
@@ -341,6 +356,7 @@ class Transformer(nn.Module):
       out = jnp.einsum("bld,dv->blv", x, w.astype(x.dtype)).astype(jnp.float32)
     if self.head == "lm" and c.final_softcap:
       out = c.final_softcap * jnp.tanh(out / c.final_softcap)
+    out = _constrain(out, "vocab") if self.head == "lm" else _constrain(out)
     if cache is None:
       return out, None
     new_cache = dict(

@@ -122,6 +122,8 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
         ("--config.dqo.beta=abc", "could not convert string to float"),
         ("--config.stages=sft,rl", "unknown stage"),
         ("--config.method=ppo", "choose from sft, rft, dpo, kto, dro, dqo"),
+        ("--config.train.grad_accum_steps=3", "grad_accum_steps=3 must be at least 1 and divide"),
+        ("--num_processes=2", "needs all of --coordinator_address=HOST:PORT"),
     ],
 )
 def test_bad_config_gets_one_line_error(tmp_path, override, expected):

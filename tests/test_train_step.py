@@ -1,6 +1,7 @@
 """The jitted train steps: sharded over 8 simulated devices they compute what one device does,
 and the DQO step's single-pass gradients equal plain autodiff of its losses."""
 
+import functools
 import importlib.util
 import os
 
@@ -10,8 +11,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from dqo_jax import losses, sharding
+from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
 from dqo_jax.train import policy_step
 from dqo_jax.train.forward import response_logprobs, response_mask, response_values
@@ -86,7 +89,7 @@ def _init_params(model, rng):
   return model.init(rng, t, jnp.ones_like(t))["params"]
 
 
-def _dqo_setup():
+def _dqo_setup(grad_accum_steps=1):
   policy, value = Transformer(CFG), Transformer(CFG, head="value")
   ptx, vtx = make_optimizer(OPT, 10), make_optimizer(OPT, 10)
 
@@ -105,7 +108,8 @@ def _dqo_setup():
     )
     return DQOState(policy=TrainState.create(pp, ptx), value=TrainState.create(vp, vtx))
 
-  return init_fn, make_dqo_step(policy, value, ptx, vtx, DQO), policy, value
+  step = make_dqo_step(policy, value, ptx, vtx, DQO, grad_accum_steps=grad_accum_steps)
+  return init_fn, step, policy, value
 
 
 def _run(init_fn, step_fn, mesh_shape, batches):
@@ -114,7 +118,7 @@ def _run(init_fn, step_fn, mesh_shape, batches):
   )
   _, shardings = abstract_state(init_fn, mesh, RULES)
   state = init_state(init_fn, jax.random.key(0), shardings)
-  step = jit_step(step_fn, shardings, mesh)
+  step = jit_step(step_fn, shardings, mesh, RULES)
   out = []
   for b in batches:
     state, metrics = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
@@ -122,24 +126,92 @@ def _run(init_fn, step_fn, mesh_shape, batches):
   return state, out
 
 
-def test_dqo_step_on_8_devices_matches_one_device():
-  assert len(jax.devices()) >= 8, "conftest sets 8 simulated CPU devices"
+@functools.cache
+def _dqo_reference():
+  """Three DQO steps on one device: what every mesh must reproduce."""
   init_fn, step_fn, _, _ = _dqo_setup()
   rng = np.random.default_rng(0)
   batches = [_batch(rng) for _ in range(3)]
-  state1, m1 = _run(init_fn, step_fn, (1, 1, 1), batches)
-  state8, m8 = _run(init_fn, step_fn, (2, 4, 1), batches)
-  for a, b in zip(m1, m8):
+  return batches, _run(init_fn, step_fn, (1, 1, 1), batches)
+
+
+def _assert_same_run(ref, got, rtol=2e-4):
+  (state_a, metrics_a), (state_b, metrics_b) = ref, got
+  for a, b in zip(metrics_a, metrics_b):
     for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=k)
-  # The state really was sharded over fsdp.
-  emb = state8.policy.params["embed"]
-  assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+      np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-6, err_msg=k)
+  for name in ("policy", "value"):
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+        getattr(state_a, name).params,
+        getattr(state_b, name).params,
+    )
+
+
+# Per mesh (data, fsdp, tensor): the per-device block of the embedding [vocab 32, embed 32], of
+# an MLP weight [embed 32, mlp 64] and of the query weight [embed 32, heads 4, head_dim 8].
+# On (1, 1, 8) the 4 heads do not divide over tensor=8 and stay whole (replicated).
+MESH_BLOCKS = {
+    (8, 1, 1): ((32, 32), (32, 64), (32, 4, 8)),
+    (2, 4, 1): ((32, 8), (8, 64), (8, 4, 8)),
+    (1, 4, 2): ((16, 8), (8, 32), (8, 2, 8)),
+    (1, 1, 8): ((4, 32), (32, 8), (32, 4, 8)),
+}
+
+
+@pytest.mark.parametrize("mesh_shape", sorted(MESH_BLOCKS), ids=lambda m: "x".join(map(str, m)))
+def test_dqo_step_on_8_device_meshes_matches_one_device(mesh_shape):
+  assert len(jax.devices()) >= 8, "conftest sets 8 simulated CPU devices"
+  init_fn, step_fn, _, _ = _dqo_setup()
+  batches, ref = _dqo_reference()
+  state, metrics = _run(init_fn, step_fn, mesh_shape, batches)
+  _assert_same_run(ref, (state, metrics))
+  params = state.policy.params
+  layer = params["layer_0"]
+  arrays = (params["embed"], layer["mlp"]["up"]["kernel"], layer["attn"]["q"]["kernel"])
+  blocks = tuple(a.sharding.shard_shape(a.shape) for a in arrays)
+  assert blocks == MESH_BLOCKS[mesh_shape]
+  if mesh_shape == (1, 4, 2):
+    assert layer["mlp"]["up"]["kernel"].sharding.spec == P("fsdp", "tensor")
+
+
+def test_dqo_gradient_accumulation_matches_the_full_batch():
+  """Four micro-batches of 8 rows on a (2, 4, 1) mesh: the same losses, logged statistics and
+  parameters as the whole 32-row batch, although the token-mean losses and the logged means
+  normalise by the token count of the whole batch."""
+  rng = np.random.default_rng(5)
+  batches = [_batch(rng, b=32) for _ in range(2)]
+  runs = []
+  for k in (1, 4):
+    init_fn, step_fn, _, _ = _dqo_setup(grad_accum_steps=k)
+    runs.append(_run(init_fn, step_fn, (2, 4, 1), batches))
+  _assert_same_run(*runs)
+
+
+def test_kto_gradient_accumulation_matches_the_full_batch():
+  """KTO's z0 is a statistic of the whole batch's mismatched half; micro-batches of 4 rows mix
+  both halves, and must still give the full-batch step."""
+  batch = _method_batch("kto")
+  runs = []
+  for k in (1, 4):
+    init_fn, step_fn = _policy_setup(policy_step.kto_objective(0.5, 1.0, 1.0), k)
+    runs.append(_run(init_fn, step_fn, (1, 1, 1), [batch] * 2))
+  (state_a, metrics_a), (state_b, metrics_b) = runs
+  for a, b in zip(metrics_a, metrics_b):
+    for key in a:
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-6, err_msg=key)
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-      state1.policy.params,
-      state8.policy.params,
+      state_a.params,
+      state_b.params,
   )
+
+
+def test_gradient_accumulation_must_divide_the_batch():
+  init_fn, step_fn, _, _ = _dqo_setup(grad_accum_steps=3)
+  state = nn.meta.unbox(jax.eval_shape(init_fn, jax.random.key(0)))
+  with pytest.raises(UserError, match="config.train.grad_accum_steps=3 .* divisor of 16"):
+    jax.eval_shape(step_fn, state, _batch(np.random.default_rng(0)))
 
 
 def test_sft_step_on_8_devices_matches_one_device_and_learns():
@@ -259,11 +331,11 @@ def test_value_warmup_freezes_the_policy_then_releases_it():
   assert changed(history[2].policy.params, history[4].policy.params)
 
 
-def _policy_setup(objective):
+def _policy_setup(objective, grad_accum_steps=1):
   model = Transformer(CFG)
   tx = make_optimizer(OPT, 40)
   init_fn = lambda rng: TrainState.create(_init_params(model, rng), tx)
-  return init_fn, policy_step.make_policy_step(model, tx, objective)
+  return init_fn, policy_step.make_policy_step(model, tx, objective, grad_accum_steps)
 
 
 def _value_setup(objective):

@@ -15,6 +15,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from dqo_jax.data.batches import left_pad, right_pad
+from dqo_jax.distributed import is_writer
 
 FIELDS = (
     "prompt_index",
@@ -32,7 +33,9 @@ FIELDS = (
 
 
 def write_records(path: str, records: list[dict], fields=FIELDS) -> None:
-  """Writes atomically: a reader never sees a half-written file."""
+  """Writes atomically (a reader never sees a half-written file), on process 0 only."""
+  if not is_writer():
+    return
   tmp = path + ".tmp"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   for rec in records:

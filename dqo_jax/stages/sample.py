@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from dqo_jax import sharding
+from dqo_jax import distributed, sharding
 from dqo_jax.data.offline import write_records
 from dqo_jax.generation import generate_all, grade_samples
 from dqo_jax.sampler import FINISH_EOS
@@ -28,7 +28,6 @@ def reference_logprobs(
 ):
   """log pi_ref of every response token, [N, R], with the training code's forward pass."""
   fn = jax.jit(lambda p, b: response_logprobs(ctx.policy_model, p, b))
-  batch_sh = sharding.batch_sharding(ctx.mesh)
   n, out = prompt.shape[0], []
   for start in tqdm(range(0, n, batch_size), desc="reference log-probs", leave=False):
     idx = np.arange(start, start + batch_size) % n
@@ -38,9 +37,8 @@ def reference_logprobs(
         response=response[idx],
         response_len=response_len[idx],
     )
-    out.append(
-        np.asarray(fn(params, jax.device_put(batch, batch_sh)))[: min(batch_size, n - start)]
-    )
+    logp = distributed.fetch(fn(params, sharding.put_batch(batch, ctx.mesh)))
+    out.append(logp[: min(batch_size, n - start)])
   return np.concatenate(out)
 
 

@@ -21,7 +21,7 @@ def run(ctx: Context) -> dict:
   _, summary = fit(
       stage_dir=ctx.stage_dir("sft"),
       init_fn=init_fn,
-      step_fn=make_sft_step(ctx.policy_model, tx),
+      step_fn=make_sft_step(ctx.policy_model, tx, cfg.sft.grad_accum_steps),
       batch_at=batch_at,
       num_steps=cfg.sft.steps,
       mesh=ctx.mesh,

@@ -101,11 +101,14 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
   cfg = ctx.config
   method, t, data = cfg.method, cfg.train, cfg.data
   seed = cfg.seed + 2
+  accum = t.grad_accum_steps
   _, txs = init_fn(ctx)
   if method == "sft":
     arrays = {k: ctx.train.arrays[k] for k in views.TOKEN_KEYS}
     view = View(_batches(arrays, len(ctx.train), t.batch_size, seed), len(ctx.train), {})
-    return view, policy_step.make_policy_step(ctx.policy_model, txs[0], policy_step.nll_objective)
+    return view, policy_step.make_policy_step(
+        ctx.policy_model, txs[0], policy_step.nll_objective, accum
+    )
 
   records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE))
   arrays = to_arrays(records, data.max_prompt_len, data.max_response_len, ctx.tokenizer.pad_id)
@@ -119,7 +122,9 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
         size,
         dict(gold=len(ctx.train), kept_samples=size - len(ctx.train)),
     )
-    return view, policy_step.make_policy_step(ctx.policy_model, txs[0], policy_step.nll_objective)
+    return view, policy_step.make_policy_step(
+        ctx.policy_model, txs[0], policy_step.nll_objective, accum
+    )
   if method == "dpo":
     pairs = views.dpo_pairs(records, cfg.dpo.max_pairs_per_prompt, seed)
     view = View(
@@ -128,7 +133,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
         dict(pairs=len(pairs), prompts=len({records[i]["prompt_index"] for i in pairs[:, 0]})),
     )
     objective = policy_step.dpo_objective(float(cfg.dpo.beta))
-    return view, policy_step.make_policy_step(ctx.policy_model, txs[0], objective)
+    return view, policy_step.make_policy_step(ctx.policy_model, txs[0], objective, accum)
   if method == "kto":
     partner = views.mismatched_partners(records)
     mismatched = dict(arrays, response=arrays["response"][partner])
@@ -155,7 +160,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
         dict(desirable=n_d, undesirable=n - n_d, lambda_d=lambda_d, lambda_u=lambda_u),
     )
     objective = policy_step.kto_objective(float(cfg.kto.beta), lambda_d, lambda_u)
-    return view, policy_step.make_policy_step(ctx.policy_model, txs[0], objective)
+    return view, policy_step.make_policy_step(ctx.policy_model, txs[0], objective, accum)
   if method == "dro":
     objective = dro_objective(float(cfg.dro.beta))
     warmup = 0
@@ -167,7 +172,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
     objective = dqo_objective(cfg.dqo, cfg.rewards)
     warmup = int(cfg.dqo.value_warmup_steps)
   view = View(_batches(arrays, n, t.batch_size, seed), n, {})
-  step = make_policy_value_step(ctx.policy_model, ctx.value_model, *txs, objective, warmup)
+  step = make_policy_value_step(ctx.policy_model, ctx.value_model, *txs, objective, warmup, accum)
   return view, step
 
 

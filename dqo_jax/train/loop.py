@@ -60,11 +60,16 @@ def init_state(init_fn: Callable, rng, shardings, init_args=()):
   return jax.jit(lambda r, *a: meta.unbox(init_fn(r, *a)), out_shardings=shardings)(rng, *init_args)
 
 
-def jit_step(step_fn: Callable, state_shardings, mesh):
+def jit_step(step_fn: Callable, state_shardings, mesh, rules):
   """The step jitted over the mesh: state sharded by its logical axes and donated, batch split
-  over the data axes, metrics replicated."""
+  over the data axes, activations placed by `rules`, metrics replicated."""
+
+  def constrained_step(state, batch):
+    with sharding.activation_constraints(mesh, rules):
+      return step_fn(state, batch)
+
   return jax.jit(
-      step_fn,
+      constrained_step,
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0,
@@ -90,6 +95,8 @@ def fit(
   """Trains and returns (state, summary). Resumes from `<stage_dir>/checkpoints` if present.
 
   A fresh state is `init_fn(rng, *init_args)`; `on_log(step, state)` may add metrics.
+  With several processes each feeds only its devices' rows of `batch_at(step)` (the global
+  batch), and only process 0 writes summaries.
   """
   abstract, shardings = abstract_state(init_fn, mesh, rules, init_args)
   ckpt = Checkpoints(
@@ -101,17 +108,20 @@ def fit(
     tqdm.write(f"[{desc}] resuming from the checkpoint at step {start}")
   else:
     state = init_state(init_fn, rng, shardings, init_args)
-  batch_sharding = sharding.batch_sharding(mesh)
-  step_jit = jit_step(step_fn, shardings, mesh)
+  step_jit = jit_step(step_fn, shardings, mesh, rules)
   writer = ScalarWriter(stage_dir)
   history, last = [], {}
   t0 = time.time()
   try:
     with _stop_requests() as stop, tqdm(
-        total=num_steps, initial=start, desc=desc, dynamic_ncols=True
+        total=num_steps,
+        initial=start,
+        desc=desc,
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
     ) as bar:
       for step in range(start, num_steps):
-        batch = jax.device_put(batch_at(step), batch_sharding)
+        batch = sharding.put_batch(batch_at(step), mesh)
         state, metrics = step_jit(state, batch)
         history.append(metrics)
         bar.update(1)

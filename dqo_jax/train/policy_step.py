@@ -13,16 +13,29 @@ import optax
 from dqo_jax import bandit_losses
 from dqo_jax.losses import sequence_nll
 from dqo_jax.model import Transformer
+from dqo_jax.train import accumulate
 from dqo_jax.train.forward import response_logprobs, response_mask
 from dqo_jax.train.state import TrainState
 
 
-def make_policy_step(model: Transformer, tx: optax.GradientTransformation, objective):
-  """(state, batch) -> (state, metrics); objective(logp [B, R], batch) -> (loss, metrics)."""
+def make_policy_step(
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    objective,
+    grad_accum_steps: int = 1,
+    accum_key: str = "config.train.grad_accum_steps",
+):
+  """(state, batch) -> (state, metrics); objective(logp [B, R], batch) -> (loss, metrics).
+
+  The model runs on `grad_accum_steps` micro-batches (`dqo_jax.train.accumulate`); the objective
+  always sees the whole batch. `accum_key` names the setting in error messages.
+  """
+  logprobs = lambda p, b: response_logprobs(model, p, b)
 
   def step(state: TrainState, batch):
-    loss_fn = lambda p: objective(response_logprobs(model, p, batch), batch)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    logp, pullback = accumulate.vjp(logprobs, state.params, batch, grad_accum_steps, accum_key)
+    (loss, metrics), d_logp = jax.value_and_grad(objective, has_aux=True)(logp, batch)
+    (grads,) = pullback(d_logp)
     metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), **metrics)
     return state.apply_gradients(grads, tx), metrics
 
@@ -68,5 +81,7 @@ def kto_objective(beta: float, lambda_d: float, lambda_u: float):
   return objective
 
 
-def make_sft_step(model: Transformer, tx: optax.GradientTransformation):
-  return make_policy_step(model, tx, nll_objective)
+def make_sft_step(model: Transformer, tx: optax.GradientTransformation, grad_accum_steps: int = 1):
+  return make_policy_step(
+      model, tx, nll_objective, grad_accum_steps, accum_key="config.sft.grad_accum_steps"
+  )

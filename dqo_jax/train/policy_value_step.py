@@ -15,6 +15,7 @@ import optax
 
 from dqo_jax import bandit_losses, losses
 from dqo_jax.model import Transformer
+from dqo_jax.train import accumulate
 from dqo_jax.train.forward import response_logprobs, response_mask, response_values
 from dqo_jax.train.state import TrainState
 
@@ -40,17 +41,20 @@ def make_policy_value_step(
     value_tx: optax.GradientTransformation,
     objective,
     value_warmup_steps: int = 0,
+    grad_accum_steps: int = 1,
 ):
   """objective(logp, values, batch, step) -> (policy_loss(logp), value_loss(values), metrics):
-  two functions of their own model's outputs, the other model's outputs held fixed."""
+  two functions of their own model's outputs, the other model's outputs held fixed.
+
+  Both models run on `grad_accum_steps` micro-batches (`dqo_jax.train.accumulate`); the
+  objective always sees the whole batch."""
+  logprobs = lambda p, b: response_logprobs(policy_model, p, b)
+  value_fn = lambda p, b: response_values(value_model, p, b)
+  key = "config.train.grad_accum_steps"
 
   def step(state: PolicyValueState, batch):
-    logp, policy_vjp = jax.vjp(
-        lambda p: response_logprobs(policy_model, p, batch), state.policy.params
-    )
-    values, value_vjp = jax.vjp(
-        lambda p: response_values(value_model, p, batch), state.value.params
-    )
+    logp, policy_vjp = accumulate.vjp(logprobs, state.policy.params, batch, grad_accum_steps, key)
+    values, value_vjp = accumulate.vjp(value_fn, state.value.params, batch, grad_accum_steps, key)
     policy_loss, value_loss, metrics = objective(logp, values, batch, state.value.step)
     p_loss, d_logp = jax.value_and_grad(policy_loss)(logp)
     v_loss, d_values = jax.value_and_grad(value_loss)(values)
@@ -160,7 +164,9 @@ def dro_objective(beta: float):
   return objective
 
 
-def make_dqo_step(policy_model, value_model, policy_tx, value_tx, cfg, reward_cfg=None):
+def make_dqo_step(
+    policy_model, value_model, policy_tx, value_tx, cfg, reward_cfg=None, grad_accum_steps=1
+):
   """The DQO step; cfg is `config.dqo`."""
   return make_policy_value_step(
       policy_model,
@@ -169,4 +175,5 @@ def make_dqo_step(policy_model, value_model, policy_tx, value_tx, cfg, reward_cf
       value_tx,
       dqo_objective(cfg, reward_cfg),
       int(cfg.value_warmup_steps),
+      grad_accum_steps,
   )
