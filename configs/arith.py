@@ -59,7 +59,12 @@ def get_config(arg: str = ""):
   c.checkpoint = dict(every=200, keep=2)
   c.log_every = 25
 
-  c.sft = dict(steps=1200, batch_size=16, optimizer=optimizer(1e-3, 100, weight_decay=0.01))
+  c.sft = dict(
+      steps=1200,
+      batch_size=16,
+      optimizer=optimizer(1e-3, 100, weight_decay=0.01),
+      max_consecutive_nonfinite=10,  # as train.max_consecutive_nonfinite (configs/common.py)
+  )
 
   c.sample = dict(num_prompts=2000, samples_per_prompt=4, temperature=1.0, batch_size=256)
 

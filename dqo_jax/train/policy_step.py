@@ -14,17 +14,20 @@ from dqo_jax import bandit_losses
 from dqo_jax.losses import sequence_nll
 from dqo_jax.model import Transformer
 from dqo_jax.train.forward import response_logprobs, response_mask
-from dqo_jax.train.state import TrainState
+from dqo_jax.train.state import TrainState, keep_if_finite
 
 
 def make_policy_step(model: Transformer, tx: optax.GradientTransformation, objective):
-  """(state, batch) -> (state, metrics); objective(logp [B, R], batch) -> (loss, metrics)."""
+  """(state, batch) -> (state, metrics); objective(logp [B, R], batch) -> (loss, metrics).
+
+  A step whose loss or gradient is not finite leaves the state as it was (skipped_updates 1)."""
 
   def step(state: TrainState, batch):
     loss_fn = lambda p: objective(response_logprobs(model, p, batch), batch)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), **metrics)
-    return state.apply_gradients(grads, tx), metrics
+    grad_norm = optax.tree.norm(grads)
+    new, skipped = keep_if_finite(state, state.apply_gradients(grads, tx), loss, grad_norm)
+    return new, dict(loss=loss, grad_norm=grad_norm, **metrics, skipped_updates=skipped)
 
   return step
 
