@@ -64,6 +64,7 @@ def get_config(arg: str = ""):
       batch_size=16,
       grad_accum_steps=1,  # micro-batches per step: the same update with 1/k of the activations
       optimizer=optimizer(1e-3, 100, weight_decay=0.01),
+      max_consecutive_nonfinite=10,  # as train.max_consecutive_nonfinite (configs/common.py)
   )
 
   c.sample = dict(num_prompts=2000, samples_per_prompt=4, temperature=1.0, batch_size=256)

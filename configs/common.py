@@ -52,6 +52,9 @@ def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
       grad_accum_steps=1,  # micro-batches per step: the same update with 1/k of the activations
       policy_optimizer=optimizer(policy_lr, 20),
       value_optimizer=optimizer(value_lr, 20),  # DQO's V(s) and DRO's V(x)
+      # Steps in a row whose loss or gradient is not finite (their updates are skipped) before
+      # the run saves its last good state and stops.
+      max_consecutive_nonfinite=10,
   )
   c.dqo = dict(
       beta=beta,
@@ -89,7 +92,13 @@ def base_config():
   c.mesh.rules = MESH_RULES
   c.checkpoint = dict(every=200, keep=2)
   c.log_every = 10
-  c.sft = dict(steps=1000, batch_size=64, grad_accum_steps=1, optimizer=optimizer(1e-5, 50))
+  c.sft = dict(
+      steps=1000,
+      batch_size=64,
+      grad_accum_steps=1,
+      optimizer=optimizer(1e-5, 50),
+      max_consecutive_nonfinite=10,
+  )
   c.sample = dict(num_prompts=-1, samples_per_prompt=4, temperature=1.0, batch_size=64)
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
   add_methods(c, steps=1000, batch_size=64, policy_lr=1e-6, value_lr=1e-5, beta=0.1)

@@ -81,6 +81,9 @@ def check_config(config) -> list[str]:
     raise UserError("config.dqo.process.rollouts_per_step must be at least 1")
   if not 0.0 <= d.lam <= 1.0:
     raise UserError(f"config.dqo.lam={d.lam} must lie in [0, 1]")
+  for section in ("sft", "train"):
+    if config[section].max_consecutive_nonfinite < 1:
+      raise UserError(f"config.{section}.max_consecutive_nonfinite must be at least 1")
   if config.eval.every % config.log_every:
     raise UserError(
         f"config.eval.every={config.eval.every} must be a multiple of "

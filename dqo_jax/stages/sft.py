@@ -28,6 +28,7 @@ def run(ctx: Context) -> dict:
       rules=ctx.rules,
       rng=jax.random.key(cfg.seed),
       checkpoint_cfg=cfg.checkpoint,
+      max_nonfinite=cfg.sft.max_consecutive_nonfinite,
       log_every=cfg.log_every,
       desc="sft",
       on_log=accuracy_monitor(ctx, lambda state: state.params),

@@ -192,6 +192,7 @@ def run(ctx: Context) -> dict:
       rules=ctx.rules,
       rng=jax.random.key(cfg.seed + 3),
       checkpoint_cfg=cfg.checkpoint,
+      max_nonfinite=cfg.train.max_consecutive_nonfinite,
       log_every=cfg.log_every,
       desc=name,
       init_args=(sft_params,),

@@ -1,9 +1,14 @@
 """The one place that jits a train step: shardings, donation, checkpoints, resume, logging.
 
 `fit` runs a pure step `(state, batch) -> (state, metrics)` for `num_steps` steps. The batch for
-step i is a deterministic function of i, so a run resumed from the checkpoint at step i sees
-exactly the batches it would have seen. SIGINT and SIGTERM finish the current step, save, and
-stop with a message saying how to resume; kill -9 loses at most `checkpoint.every` steps.
+step i is a deterministic function of i and the steps draw no random numbers, so the state and
+the step number are all a resumed run needs to continue exactly as an uninterrupted one (a step
+that needs randomness must derive it from the state, e.g. `fold_in(key, state.step)`).
+Checkpoints are saved asynchronously every `checkpoint.every` steps; SIGINT, SIGTERM and a JAX
+preemption notice finish the current step, save it, and stop with a message saying how to
+resume; kill -9 loses at most `checkpoint.every` steps. A step whose loss or gradient is not
+finite is skipped inside the step (`keep_if_finite`); after `max_nonfinite` skips in a row the
+run saves its state, which the skips left at the last good update, and stops.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tqdm import tqdm
 
 from dqo_jax import sharding
 from dqo_jax.checkpoint import Checkpoints
+from dqo_jax.errors import UserError
 from dqo_jax.metrics import ScalarWriter, mean_metrics
 
 
@@ -29,9 +35,16 @@ class Interrupted(Exception):
 
 @contextlib.contextmanager
 def _stop_requests():
+  """Signals received while training, recorded for the loop to save and stop between steps.
+
+  Only in a single process: with several, a host that stopped alone would leave the others
+  waiting in the save's barrier, and SIGTERM is the JAX preemption service's notice, whose own
+  handler must stay so that all hosts agree on a step to save at (`reached_preemption`).
+  """
   received = []
   handler = lambda signum, frame: received.append(signum)
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+  signals = (signal.SIGINT, signal.SIGTERM) if jax.process_count() == 1 else ()
+  previous = {s: signal.signal(s, handler) for s in signals}
   try:
     yield received
   finally:
@@ -87,6 +100,7 @@ def fit(
     rules,
     rng,
     checkpoint_cfg,
+    max_nonfinite: int,
     log_every: int,
     desc: str,
     init_args=(),
@@ -94,7 +108,8 @@ def fit(
 ):
   """Trains and returns (state, summary). Resumes from `<stage_dir>/checkpoints` if present.
 
-  A fresh state is `init_fn(rng, *init_args)`; `on_log(step, state)` may add metrics.
+  A fresh state is `init_fn(rng, *init_args)`; `on_log(step, state)` may add metrics. The step's
+  metrics include `skipped_updates` (1.0 when its update was skipped as non-finite).
   With several processes each feeds only its devices' rows of `batch_at(step)` (the global
   batch), and only process 0 writes summaries.
   """
@@ -102,15 +117,16 @@ def fit(
   ckpt = Checkpoints(
       os.path.join(stage_dir, "checkpoints"), every=checkpoint_cfg.every, keep=checkpoint_cfg.keep
   )
-  start = ckpt.latest_step() or 0
+  start, state = ckpt.restore_latest(abstract, warn=lambda line: tqdm.write(f"[{desc}] {line}"))
   if start:
-    state = ckpt.restore(abstract)
     tqdm.write(f"[{desc}] resuming from the checkpoint at step {start}")
   else:
     state = init_state(init_fn, rng, shardings, init_args)
+  put = lambda i: sharding.put_batch(batch_at(i), mesh)
   step_jit = jit_step(step_fn, shardings, mesh, rules)
   writer = ScalarWriter(stage_dir)
   history, last = [], {}
+  skipped, streak = 0, 0
   t0 = time.time()
   try:
     with _stop_requests() as stop, tqdm(
@@ -120,9 +136,15 @@ def fit(
         dynamic_ncols=True,
         disable=jax.process_index() != 0,
     ) as bar:
+      batch = put(start) if start < num_steps else None
       for step in range(start, num_steps):
-        batch = sharding.put_batch(batch_at(step), mesh)
         state, metrics = step_jit(state, batch)
+        if step + 1 < num_steps:
+          batch = put(step + 1)  # prepared while the device runs this step
+        # The one read of every step: deciding to stop needs it now, not at the next log.
+        was_skipped = bool(metrics["skipped_updates"])
+        skipped += was_skipped
+        streak = streak + 1 if was_skipped else 0
         history.append(metrics)
         bar.update(1)
         done = step + 1
@@ -133,17 +155,30 @@ def fit(
             last.update(on_log(done, state))
           writer.write(done, last)
           bar.set_postfix({k: f"{v:.3g}" for k, v in list(last.items())[:3]})
+        preempted = ckpt.reached_preemption(done)
+        diverged = streak >= max_nonfinite
         # One save call per step: a second one for the same step would be refused by Orbax.
-        ckpt.save(done, state, force=done == num_steps or bool(stop))
-        if stop:
+        ckpt.save(done, state, force=done == num_steps or bool(stop) or preempted or diverged)
+        if diverged:
+          raise UserError(
+              f"[{desc}] steps {done - streak + 1}-{done} of {num_steps} all had a non-finite "
+              f"loss or gradient and were skipped; the last good state is saved in "
+              f"{ckpt.step_dir(done)}; lower the learning rate or check the data, then rerun"
+          )
+        if stop or preempted:
+          cause = f"signal {stop[0]}" if stop else "a preemption notice"
           raise Interrupted(
-              f"[{desc}] stopped by signal {stop[0]} at step {done}/{num_steps}; "
+              f"[{desc}] stopped by {cause} at step {done}/{num_steps}; "
               f"checkpoint saved in {ckpt.directory}; rerun the same command to resume"
           )
   finally:
     writer.close()
     ckpt.close()
   summary = dict(
-      steps=num_steps, resumed_from=start, seconds=round(time.time() - t0, 1), final_metrics=last
+      steps=num_steps,
+      resumed_from=start,
+      skipped_updates=skipped,
+      seconds=round(time.time() - t0, 1),
+      final_metrics=last,
   )
   return state, summary

@@ -15,7 +15,7 @@ from dqo_jax.losses import sequence_nll
 from dqo_jax.model import Transformer
 from dqo_jax.train import accumulate
 from dqo_jax.train.forward import response_logprobs, response_mask
-from dqo_jax.train.state import TrainState
+from dqo_jax.train.state import TrainState, keep_if_finite
 
 
 def make_policy_step(
@@ -28,7 +28,8 @@ def make_policy_step(
   """(state, batch) -> (state, metrics); objective(logp [B, R], batch) -> (loss, metrics).
 
   The model runs on `grad_accum_steps` micro-batches (`dqo_jax.train.accumulate`); the objective
-  always sees the whole batch. `accum_key` names the setting in error messages.
+  always sees the whole batch. `accum_key` names the setting in error messages. A step whose
+  loss or gradient is not finite leaves the state as it was (skipped_updates 1).
   """
   logprobs = lambda p, b: response_logprobs(model, p, b)
 
@@ -36,8 +37,9 @@ def make_policy_step(
     logp, pullback = accumulate.vjp(logprobs, state.params, batch, grad_accum_steps, accum_key)
     (loss, metrics), d_logp = jax.value_and_grad(objective, has_aux=True)(logp, batch)
     (grads,) = pullback(d_logp)
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), **metrics)
-    return state.apply_gradients(grads, tx), metrics
+    grad_norm = optax.tree.norm(grads)
+    new, skipped = keep_if_finite(state, state.apply_gradients(grads, tx), loss, grad_norm)
+    return new, dict(loss=loss, grad_norm=grad_norm, **metrics, skipped_updates=skipped)
 
   return step
 

@@ -17,7 +17,7 @@ from dqo_jax import bandit_losses, losses
 from dqo_jax.model import Transformer
 from dqo_jax.train import accumulate
 from dqo_jax.train.forward import response_logprobs, response_mask, response_values
-from dqo_jax.train.state import TrainState
+from dqo_jax.train.state import TrainState, keep_if_finite
 
 
 @flax.struct.dataclass
@@ -44,7 +44,8 @@ def make_policy_value_step(
     grad_accum_steps: int = 1,
 ):
   """objective(logp, values, batch, step) -> (policy_loss(logp), value_loss(values), metrics):
-  two functions of their own model's outputs, the other model's outputs held fixed.
+  two functions of their own model's outputs, the other model's outputs held fixed. A step with
+  a non-finite loss or gradient updates neither model (skipped_updates 1).
 
   Both models run on `grad_accum_steps` micro-batches (`dqo_jax.train.accumulate`); the
   objective always sees the whole batch."""
@@ -60,12 +61,9 @@ def make_policy_value_step(
     v_loss, d_values = jax.value_and_grad(value_loss)(values)
     (policy_grads,) = policy_vjp(d_logp)
     (value_grads,) = value_vjp(d_values)
-    metrics = dict(
-        policy_loss=p_loss,
-        value_loss=v_loss,
+    norms = dict(
         policy_grad_norm=optax.tree.norm(policy_grads),
         value_grad_norm=optax.tree.norm(value_grads),
-        **metrics,
     )
     policy = state.policy.apply_gradients(policy_grads, policy_tx)
     if value_warmup_steps:
@@ -74,7 +72,12 @@ def make_policy_value_step(
       frozen = state.value.step < value_warmup_steps
       policy = jax.tree.map(lambda old, new: jnp.where(frozen, old, new), state.policy, policy)
     value = state.value.apply_gradients(value_grads, value_tx)
-    return PolicyValueState(policy=policy, value=value), metrics
+    new, skipped = keep_if_finite(
+        state, PolicyValueState(policy=policy, value=value), p_loss, v_loss, *norms.values()
+    )
+    return new, dict(
+        policy_loss=p_loss, value_loss=v_loss, **norms, **metrics, skipped_updates=skipped
+    )
 
   return step
 

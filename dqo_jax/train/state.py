@@ -27,6 +27,19 @@ class TrainState:
     )
 
 
+def keep_if_finite(old, new, *checks):
+  """(`new` if every scalar in `checks` is finite, else `old`; skipped: 1.0 or 0.0 float32).
+
+  Pass the losses and the gradients' global norms: a norm is finite exactly when every gradient
+  is (and an overflowing one would turn clipping into NaN anyway). One choice for the whole
+  state, so a step with two optimizers never moves one model without the other, and a skipped
+  step leaves step counters, schedules and optimizer moments as they were.
+  """
+  finite = jnp.all(jnp.isfinite(jnp.stack([jnp.asarray(c, jnp.float32) for c in checks])))
+  kept = jax.tree.map(lambda o, n: jnp.where(finite, n, o), old, new)
+  return kept, 1.0 - finite.astype(jnp.float32)
+
+
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
   """AdamW with linear warm-up, cosine decay to `end_lr_fraction` and global-norm clipping."""
   warmup = min(int(opt_cfg.warmup_steps), max(total_steps - 1, 0))
