@@ -123,8 +123,8 @@ def generate(
     lp = jnp.take_along_axis(scaled, tok[:, None], -1)[:, 0] - jax.nn.logsumexp(scaled, -1)
     tok = jnp.where(done, pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
-    # Column writes as dynamic_update_slice: an in-place update, where `.at[:, i].set` with a
-    # traced i lowers to a scatter.
+    # dynamic_update_slice, written in place in the loop (`.at[:, i].set` emits a scatter and
+    # leaves it to XLA to turn it into this).
     toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
     lps = jax.lax.dynamic_update_slice_in_dim(lps, lp[:, None], i, axis=1)
     end = jnp.where(tok == eos_id, FINISH_EOS, -1)
