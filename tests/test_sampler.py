@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dqo_jax import sharding
 from dqo_jax.model import ModelConfig, Transformer
-from dqo_jax.sampler import FINISH_EOS, FINISH_LENGTH, generate
+from dqo_jax.sampler import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, generate
 
 CFG = ModelConfig(
     vocab_size=24, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=48
@@ -117,3 +118,76 @@ def test_sampling_is_reproducible_and_seed_dependent():
   )
   np.testing.assert_array_equal(run(0), run(0))
   assert any(not np.array_equal(run(0), run(s)) for s in (1, 2, 3))
+
+
+def _reference_ends(tokens, stops):
+  """(length, finish) per row from an unstopped run: the first EOS or stop-sequence suffix."""
+  out = []
+  for row in np.asarray(tokens).tolist():
+    end = (len(row), FINISH_LENGTH)
+    for i, t in enumerate(row):
+      if t == EOS:
+        end = (i + 1, FINISH_EOS)
+        break
+      if any(i + 1 >= len(s) and tuple(row[i + 1 - len(s) : i + 1]) == s for s in stops):
+        end = (i + 1, FINISH_STOP)
+        break
+    out.append(end)
+  return out
+
+
+def test_stop_sequences_end_a_row_on_its_generated_suffix():
+  model, params, prompt, mask = _setup()
+  prompt = np.concatenate([prompt, prompt[::-1]])
+  mask = np.concatenate([mask, mask[::-1]])
+  free = _greedy(model, params, prompt, mask, 10)
+  free_tokens = np.asarray(free.tokens)
+  # Taken from the unstopped output so they do fire: a pair from row 0, a single token from
+  # row 1, and one longer than any output, which never can.
+  stops = (
+      tuple(free_tokens[0, 3:5].tolist()),
+      (int(free_tokens[1, 6]),),
+      tuple(range(11)),
+  )
+  s = generate(
+      model,
+      params,
+      prompt,
+      mask,
+      jax.random.key(1),
+      max_new_tokens=10,
+      eos_id=EOS,
+      pad_id=PAD,
+      greedy=True,
+      stop_sequences=stops,
+  )
+  expected = _reference_ends(free_tokens, stops)
+  assert any(f == FINISH_STOP for _, f in expected)
+  for i, (length, finish) in enumerate(expected):
+    assert (int(s.lengths[i]), int(s.finish[i])) == (length, finish)
+    np.testing.assert_array_equal(np.asarray(s.tokens[i, :length]), free_tokens[i, :length])
+    assert np.all(np.asarray(s.tokens[i, length:]) == PAD)
+    assert np.all(np.asarray(s.logprobs[i, length:]) == 0.0)
+
+
+def test_sampling_sharded_over_the_data_axes_gives_the_unsharded_tokens():
+  model, params, prompt, mask = _setup()
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  prompt = np.tile(prompt, (4, 1))
+  prompt[2:, -1] = np.arange(3, 3 + len(prompt) - 2)  # distinct rows
+  mask = np.tile(mask, (4, 1))
+  kw = dict(max_new_tokens=7, eos_id=EOS, pad_id=PAD, temperature=0.8, stop_sequences=((5, 6),))
+  single = generate(model, params, prompt, mask, jax.random.key(4), **kw)
+  batch_sh = sharding.batch_sharding(mesh)
+  split = generate(
+      model,
+      jax.device_put(params, sharding.replicated(mesh)),
+      jax.device_put(prompt, batch_sh),
+      jax.device_put(mask, batch_sh),
+      jax.random.key(4),
+      mesh=mesh,
+      **kw,
+  )
+  assert split.tokens.sharding.spec[0] == sharding.BATCH
+  for a, b in zip(single, split):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
