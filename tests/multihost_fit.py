@@ -35,6 +35,7 @@ def train(workdir: str) -> None:
       rules=t.RULES,
       rng=jax.random.key(0),
       checkpoint_cfg=ml_collections.ConfigDict(dict(every=2, keep=1)),
+      max_nonfinite=10,
       log_every=1,
       desc=f"process {jax.process_index()}",
   )
