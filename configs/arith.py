@@ -50,6 +50,7 @@ def get_config(arg: str = ""):
       rope_theta=10_000.0,
       tie_embeddings=True,
       dtype="float32",
+      attention="xla",  # xla, cudnn, einsum or pallas_tpu (dqo_jax/attention.py)
   )
 
   # Mesh sizes over all devices (-1 = the rest) and logical-axis -> mesh-axis rules.

@@ -50,6 +50,9 @@ def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
       steps=steps,
       batch_size=batch_size,  # examples per step: sequences, or (chosen, rejected) pairs for DPO
       grad_accum_steps=1,  # micro-batches per step: the same update with 1/k of the activations
+      # > 1: batches of similar response lengths, padded to one of at most this many widths (as
+      # many train-step compilations; benchmarks/padding.py); 1: all padded to max_response_len.
+      length_buckets=8,
       policy_optimizer=optimizer(policy_lr, 20),
       value_optimizer=optimizer(value_lr, 20),  # DQO's V(s) and DRO's V(x)
       # Steps in a row whose loss or gradient is not finite (their updates are skipped) before
@@ -62,6 +65,9 @@ def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
       importance_traces=False,
       rho_max=1.0,
       c_max=1.0,
+      # How G_t's recursion runs: "scan" (lax.scan over tokens; the faster on CPU, see
+      # benchmarks/returns.py) or "associative" (lax.associative_scan, log depth).
+      return_impl="scan",
       loss_norm="token",  # "token": mean over valid tokens; "sequence": mean of per-sequence means
       value_warmup_steps=0,  # steps at the start that update only the value model
       # Potential-based shaping from Monte-Carlo rollouts of pi_ref at every step delimiter,
@@ -141,7 +147,9 @@ def task_config(task, *, max_prompt_len, max_response_len, instruction, template
 
 def pretrained_model(preset: str):
   """The `model` section of a pretrained preset: `path` is what the user must supply."""
-  return ml_collections.ConfigDict(dict(path="", dtype="bfloat16", **PRETRAINED[preset]))
+  return ml_collections.ConfigDict(
+      dict(path="", dtype="bfloat16", attention="xla", **PRETRAINED[preset])
+  )
 
 
 def tiny_model():
@@ -157,6 +165,7 @@ def tiny_model():
           rope_theta=10_000.0,
           tie_embeddings=True,
           dtype="float32",
+          attention="xla",
       )
   )
 

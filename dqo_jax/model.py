@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dqo_jax import sharding
+from dqo_jax import attention, sharding
 
 Cache = dict[str, Any]
 
@@ -62,12 +62,16 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_position: int = 8192
+  attention: str = "xla"  # the kernel of multi-token calls: dqo_jax.attention.IMPLS
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
           f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
       )
+    attention.check_impl(
+        self.attention, softcap=self.attn_softcap, sliding="sliding" in self.layer_types
+    )
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f"model.activation={self.activation!r}: expected one of {_ACTIVATIONS}")
     if self.rope_type not in ("default", "linear", "llama3"):
@@ -216,25 +220,21 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=2)
     b, l = x.shape[:2]
-    groups = c.n_heads // c.n_kv_heads
-    qg = q.reshape(b, l, c.n_kv_heads, groups, c.head_dim)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
+    scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
     if l == 1:
-      # Decoding one token: XLA:CPU runs these tiny batched matmuls ~3x slower than the same
-      # products written as broadcast-multiply-and-sum (measured at batch 256, cache 128).
-      scores = jnp.sum(qg[:, 0, :, :, None, :] * k[:, :, None], -1)[:, :, :, None]
+      out = _decode_attention(q, k, v, mask, scale=scale, softcap=c.attn_softcap)
     else:
-      scores = jnp.einsum("blkgd,bksd->bkgls", qg, k)
-    scale = c.query_pre_attn_scalar or c.head_dim
-    scores = scores.astype(jnp.float32) / jnp.sqrt(scale).astype(jnp.float32)
-    if c.attn_softcap:
-      scores = c.attn_softcap * jnp.tanh(scores / c.attn_softcap)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    if l == 1:
-      out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], -2)[:, None]
-    else:
-      out = jnp.einsum("bkgls,bksd->blkgd", probs, v)
+      out = attention.attend(
+          q,
+          k,
+          v,
+          mask,
+          scale=scale,
+          softcap=c.attn_softcap,
+          impl=c.attention,
+          cached=kv is not None,
+      )
     out = _constrain(out.reshape(b, l, c.n_heads, c.head_dim), "heads", "head_dim")
     out = nn.DenseGeneral(
         c.d_model,
@@ -246,6 +246,22 @@ class Attention(nn.Module):
         name="o",
     )(out)
     return out, (k, v)
+
+
+def _decode_attention(q, k, v, mask, *, scale, softcap):
+  """One query token: q [B, 1, N, Dh], k and v [B, K, S, Dh], mask [B, 1, S] -> [B, 1, N, Dh].
+
+  XLA:CPU runs these tiny batched matmuls ~3x slower than the same products written as
+  broadcast-multiply-and-sum (measured at batch 256, cache 128).
+  """
+  b, _, n, d = q.shape
+  qg = q.reshape(b, k.shape[1], n // k.shape[1], d)
+  scores = jnp.sum(qg[:, :, :, None, :] * k[:, :, None], -1).astype(jnp.float32) * scale
+  if softcap:
+    scores = softcap * jnp.tanh(scores / softcap)
+  scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.sum(probs[..., None] * v[:, :, None], -2).reshape(b, 1, n, d)
 
 
 def _activation(name: str):

@@ -117,10 +117,20 @@ def ref_q_loss(pl, rl, v, r, g, lengths, beta, lam, normalize):
 # compilations.
 
 
-@functools.partial(jax.jit, static_argnames=("rho_max", "c_max"))
-def returns_jit(r, v, pl, rl, mask, beta, lam, bl=None, rho_max=1.0, c_max=1.0):
+@functools.partial(jax.jit, static_argnames=("rho_max", "c_max", "impl"))
+def returns_jit(r, v, pl, rl, mask, beta, lam, bl=None, rho_max=1.0, c_max=1.0, impl="scan"):
   return losses.soft_lambda_returns(
-      r, v, pl, rl, mask, beta=beta, lam=lam, behaviour_logprobs=bl, rho_max=rho_max, c_max=c_max
+      r,
+      v,
+      pl,
+      rl,
+      mask,
+      beta=beta,
+      lam=lam,
+      behaviour_logprobs=bl,
+      rho_max=rho_max,
+      c_max=c_max,
+      impl=impl,
   )
 
 
@@ -238,6 +248,51 @@ def test_scan_matches_python_loop(d):
   )
   assert got.dtype == jnp.float64
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=TOL, atol=TOL)
+
+
+@st.composite
+def long_batches(draw):
+  """Random lengths up to T = 64, lam in {0, 0.5, 1}, importance traces on or off."""
+  T = draw(st.integers(1, 64))
+  lengths = np.asarray(draw(st.lists(st.integers(0, T), min_size=1, max_size=4)))
+  traces = draw(st.sampled_from([None, (1.0, 1.0), (2.0, 1.0), (1.5, 0.8)]))
+  lam = draw(st.sampled_from([0.0, 0.5, 1.0]))
+  d = random_batch(draw(st.integers(0, 2**32 - 1)), lengths, T)
+  return dict(d, T=T, traces=traces, lam=lam, beta=draw(st.floats(0.01, 2.0)))
+
+
+@_settings
+@given(long_batches())
+def test_associative_matches_scan_and_python_loop(d):
+  rho_max, c_max = d["traces"] or (1.0, 1.0)
+  bl = None if d["traces"] is None else d["bl"]
+  args = (d["r"], d["v"], d["pl"], d["rl"], d["mask"], d["beta"], d["lam"], bl)
+  got = {
+      impl: np.asarray(returns_jit(*args, rho_max=rho_max, c_max=c_max, impl=impl))
+      for impl in losses.RETURN_IMPLS
+  }
+  want = ref_returns(
+      d["r"], d["v"], d["pl"], d["rl"], bl, d["lengths"], d["beta"], d["lam"], rho_max, c_max
+  )
+  for impl in losses.RETURN_IMPLS:
+    np.testing.assert_allclose(got[impl], np.asarray(want), rtol=TOL, atol=TOL, err_msg=impl)
+  np.testing.assert_allclose(got["associative"], got["scan"], rtol=TOL, atol=TOL)
+
+
+def test_associative_matches_scan_in_float32():
+  T, lengths = 2048, [2048, 1500, 1, 0]
+  d = jax.tree.map(lambda x: np.asarray(x, np.float32), random_batch(0, lengths, T))
+  got = {
+      impl: returns_jit(d["r"], d["v"], d["pl"], d["rl"], d["mask"], 0.1, 0.95, d["bl"], impl=impl)
+      for impl in losses.RETURN_IMPLS
+  }
+  assert got["associative"].dtype == jnp.float32
+  np.testing.assert_allclose(got["associative"], got["scan"], rtol=1e-5, atol=1e-5)
+
+
+def test_reverse_linear_recurrence_rejects_an_unknown_impl():
+  with pytest.raises(ValueError, match="impl"):
+    losses.reverse_linear_recurrence(jnp.ones((1, 2)), jnp.ones((1, 2)), impl="loop")
 
 
 @_settings

@@ -93,13 +93,17 @@ def encode_examples(
   return Encoded(arrays, kept, len(examples) - len(kept))
 
 
-def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """Indices of batch `step`: epochs are seeded permutations, so any step can be recomputed."""
+def _check_fills_a_batch(num_examples: int, batch_size: int) -> None:
   if num_examples < batch_size:
     raise ValueError(
         f"{num_examples} examples cannot fill one batch of {batch_size}; "
         "lower the batch size or add data"
     )
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Indices of batch `step`: epochs are seeded permutations, so any step can be recomputed."""
+  _check_fills_a_batch(num_examples, batch_size)
   per_epoch = num_examples // batch_size
   epoch, i = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(num_examples)
@@ -108,3 +112,64 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> n
 
 def take(arrays: dict[str, np.ndarray], idx: np.ndarray, keys=None) -> dict[str, np.ndarray]:
   return {k: v[idx] for k, v in arrays.items() if keys is None or k in keys}
+
+
+# ----------------------------------------------------------------------------
+# Length bucketing: batches of similar response lengths, cut to one of a few widths.
+
+# The arrays laid out along the response, [N, max_response_len]; cut together to a bucket width.
+RESPONSE_KEYS = ("response", "behaviour_logprobs", "ref_logprobs", "potentials", "boundary_mask")
+
+
+def bucket_widths(lengths: np.ndarray, num_buckets: int, max_len: int, multiple: int = 8):
+  """At most `num_buckets` response widths, multiples of `multiple` (or `max_len`), that minimise
+  the padding of `lengths` when each example is padded to the narrowest width that holds it.
+
+  An exact dynamic programme over the candidate widths (the rounded-up lengths), O(k U^2) for U
+  <= max_len / multiple candidates. One width per bucket bounds the train step's compilations.
+  """
+  rounded = np.minimum(-(-lengths // multiple) * multiple, max_len)
+  cand, group = np.unique(rounded, return_inverse=True)
+  count = np.concatenate([[0], np.cumsum(np.bincount(group))])
+  total = np.concatenate([[0.0], np.cumsum(np.bincount(group, weights=lengths))])
+  u = len(cand)
+  i, j = np.meshgrid(np.arange(u + 1), np.arange(u + 1), indexing="ij")
+  # pad[i, j]: the padding of candidate groups i..j-1 padded to cand[j - 1] (inf unless i < j)
+  last = cand[np.maximum(j - 1, 0)]
+  pad = np.where(i < j, last * (count[j] - count[i]) - (total[j] - total[i]), np.inf)
+  # cost[b, j]: the least padding of groups 0..j-1 in b buckets; prev[b, j]: where its last starts
+  cost = np.full((num_buckets + 1, u + 1), np.inf)
+  cost[0, 0] = 0.0
+  prev = np.zeros((num_buckets + 1, u + 1), np.int64)
+  for b in range(1, num_buckets + 1):
+    options = cost[b - 1][:, None] + pad
+    prev[b], cost[b] = np.argmin(options, axis=0), np.min(options, axis=0)
+  b, j, widths = int(np.argmin(cost[:, u])), u, []
+  while j:
+    widths.append(int(cand[j - 1]))
+    b, j = b - 1, prev[b, j]
+  return np.array(widths[::-1], np.int64)
+
+
+def bucketed_batch_indices(
+    lengths: np.ndarray, widths: np.ndarray, batch_size: int, step: int, seed: int
+) -> np.ndarray:
+  """Indices of batch `step`, drawn from the same epoch permutation as `batch_indices` but
+  grouped by bucket: each epoch's examples are stably sorted by the width that holds them (so
+  in random order within a bucket), cut into batches, and the batches visited in a seeded order.
+  At most len(widths) - 1 batches straddle two buckets. A pure function of `step`, as resuming
+  needs."""
+  n = len(lengths)
+  _check_fills_a_batch(n, batch_size)
+  per_epoch = n // batch_size
+  epoch, i = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(n)[: per_epoch * batch_size]
+  order = order[np.argsort(np.searchsorted(widths, lengths[order]), kind="stable")]
+  k = np.random.default_rng([seed, epoch, 1]).permutation(per_epoch)[i]
+  return order[k * batch_size : (k + 1) * batch_size]
+
+
+def cut_to_width(batch: dict[str, np.ndarray], widths: np.ndarray, length: int) -> dict:
+  """The batch with its response arrays cut to the narrowest width that holds `length` tokens."""
+  width = int(widths[np.searchsorted(widths, length)])
+  return {k: v[:, :width] if k in RESPONSE_KEYS else v for k, v in batch.items()}

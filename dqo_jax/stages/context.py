@@ -57,7 +57,8 @@ class Context:
   @functools.cached_property
   def model_cfg(self) -> ModelConfig:
     if self.config.model.get("path"):  # a pretrained model (dqo_jax.convert.load_pretrained)
-      return convert.pretrained_config(self.config.model.path, self.config.model.dtype)
+      cfg = convert.pretrained_config(self.config.model.path, self.config.model.dtype)
+      return dataclasses.replace(cfg, attention=self.config.model.get("attention", cfg.attention))
     return ModelConfig.from_config(self.config.model, self.tokenizer.vocab_size)
 
   @functools.cached_property

@@ -18,7 +18,13 @@ import numpy as np
 from dqo_jax import bandit_losses
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import views
-from dqo_jax.data.batches import batch_indices, take
+from dqo_jax.data.batches import (
+    batch_indices,
+    bucket_widths,
+    bucketed_batch_indices,
+    cut_to_width,
+    take,
+)
 from dqo_jax.data.offline import read_records, to_arrays
 from dqo_jax.stages.context import Context, rebox, run_name
 from dqo_jax.stages.monitor import accuracy_monitor
@@ -85,13 +91,23 @@ class View:
   describe: dict
 
 
-def _batches(arrays, n, batch_size, seed, rows=lambda idx: idx):
+def _batches(arrays, n, batch_size, seed, num_buckets, rows=lambda idx: idx):
   """batch_at over `n` examples; rows(idx) maps example indices to rows of `arrays` (any
-  shape: [B] or [B, 2] for pairs, laid out as the first then the second of each)."""
+  shape: [B] or [B, 2] for pairs, laid out as the first then the second of each).
+
+  num_buckets > 1: batches of similar response lengths (a pair counts as its longer response),
+  their response arrays cut to one of at most `num_buckets` widths (`data.batches`)."""
+  flat = lambda idx: idx.T.reshape(-1) if idx.ndim == 2 else idx
+  if num_buckets <= 1:
+    return lambda i: take(arrays, flat(rows(batch_indices(n, batch_size, i, seed))))
+  example_rows = rows(np.arange(n))
+  lengths = arrays["response_len"][example_rows]
+  lengths = lengths.max(axis=1) if lengths.ndim == 2 else lengths
+  widths = bucket_widths(lengths, num_buckets, arrays["response"].shape[1])
 
   def batch_at(i):
-    idx = rows(batch_indices(n, batch_size, i, seed))
-    return take(arrays, idx.T.reshape(-1) if idx.ndim == 2 else idx)
+    idx = bucketed_batch_indices(lengths, widths, batch_size, i, seed)
+    return cut_to_width(take(arrays, flat(example_rows[idx])), widths, lengths[idx].max())
 
   return batch_at
 
@@ -102,10 +118,11 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
   method, t, data = cfg.method, cfg.train, cfg.data
   seed = cfg.seed + 2
   accum = t.grad_accum_steps
+  buckets = int(t.get("length_buckets", 1))
   _, txs = init_fn(ctx)
   if method == "sft":
     arrays = {k: ctx.train.arrays[k] for k in views.TOKEN_KEYS}
-    view = View(_batches(arrays, len(ctx.train), t.batch_size, seed), len(ctx.train), {})
+    view = View(_batches(arrays, len(ctx.train), t.batch_size, seed, buckets), len(ctx.train), {})
     return view, policy_step.make_policy_step(
         ctx.policy_model, txs[0], policy_step.nll_objective, accum
     )
@@ -118,7 +135,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
     rft = views.rft_arrays(records, arrays, ctx.train)
     size = len(rft["response_len"])
     view = View(
-        _batches(rft, size, t.batch_size, seed),
+        _batches(rft, size, t.batch_size, seed, buckets),
         size,
         dict(gold=len(ctx.train), kept_samples=size - len(ctx.train)),
     )
@@ -128,7 +145,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
   if method == "dpo":
     pairs = views.dpo_pairs(records, cfg.dpo.max_pairs_per_prompt, seed)
     view = View(
-        _batches(arrays, len(pairs), t.batch_size, seed, rows=lambda idx: pairs[idx]),
+        _batches(arrays, len(pairs), t.batch_size, seed, buckets, rows=lambda idx: pairs[idx]),
         len(pairs),
         dict(pairs=len(pairs), prompts=len({records[i]["prompt_index"] for i in pairs[:, 0]})),
     )
@@ -155,7 +172,9 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
         n_d, n - n_d, target_ratio=float(cfg.kto.desirable_ratio)
     )
     view = View(
-        _batches(both, n, t.batch_size, seed, rows=lambda idx: np.stack([idx, idx + n], 1)),
+        _batches(
+            both, n, t.batch_size, seed, buckets, rows=lambda idx: np.stack([idx, idx + n], 1)
+        ),
         n,
         dict(desirable=n_d, undesirable=n - n_d, lambda_d=lambda_d, lambda_u=lambda_u),
     )
@@ -171,7 +190,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
       )
     objective = dqo_objective(cfg.dqo, cfg.rewards)
     warmup = int(cfg.dqo.value_warmup_steps)
-  view = View(_batches(arrays, n, t.batch_size, seed), n, {})
+  view = View(_batches(arrays, n, t.batch_size, seed, buckets), n, {})
   step = make_policy_value_step(ctx.policy_model, ctx.value_model, *txs, objective, warmup, accum)
   return view, step
 

@@ -106,6 +106,7 @@ def dqo_objective(cfg, reward_cfg=None):
         behaviour_logprobs=batch["behaviour_logprobs"] if cfg.importance_traces else None,
         rho_max=float(cfg.rho_max),
         c_max=float(cfg.c_max),
+        impl=cfg.get("return_impl", "scan"),
     )
     policy_loss = lambda lp: losses.dqo_q_loss(
         lp, ref, values, rewards, returns, mask, beta=beta, lam=lam, normalize=norm

@@ -1,0 +1,85 @@
+"""All benchmarks as one table: `python -m benchmarks.run [--quick]`.
+
+Prints a markdown table and writes benchmarks/results.json. Each module in MODULES exposes
+`rows(quick: bool) -> list[dict]` with the keys of `benchmarks.timing.row`; a module that is not
+there (the sampler benchmark lives on another branch until merged) is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import time
+
+import jax
+
+MODULES = ("train_steps", "returns", "attention", "padding", "grading", "sampler")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+COLUMNS = ("name", "ours", "baseline", "ratio", "target", "met", "unit", "notes")
+
+
+def _cell(value) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+  return str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def collect(quick: bool, modules=MODULES) -> tuple[list[dict], list[str]]:
+  """The rows of every module present, and the names of those absent."""
+  rows, absent = [], []
+  for name in modules:
+    if importlib.util.find_spec(f"benchmarks.{name}") is None:
+      absent.append(name)
+      continue
+    rows += importlib.import_module(f"benchmarks.{name}").rows(quick)
+  return rows, absent
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small sizes: minutes on a laptop CPU")
+  parser.add_argument("--out", default=RESULTS)
+  args = parser.parse_args()
+  start = time.time()
+  rows, absent = collect(args.quick)
+  seconds = time.time() - start
+  machine = dict(
+      backend=jax.default_backend(),
+      devices=[str(d) for d in jax.devices()],
+      cpu_count=os.cpu_count(),
+      platform=platform.platform(),
+      jax=jax.__version__,
+  )
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(
+        dict(
+            rows=rows,
+            quick=args.quick,
+            absent_modules=absent,
+            seconds=round(seconds, 1),
+            date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
+            machine=machine,
+        ),
+        f,
+        indent=1,
+        default=float,
+    )
+  print(markdown(rows))
+  print(f"\n{len(rows)} rows in {seconds:.0f} s; absent modules: {', '.join(absent) or 'none'}")
+  print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,216 @@
+"""Train-step time and peak memory: DQO against its floor, SFT and DPO, on one Llama-style model.
+
+The DQO step's floor is what it cannot avoid: one forward+backward of the policy plus one of the
+value model on the same batch (each jitted alone; their times summed). The step adds the
+lambda-return targets, the two losses, two AdamW updates and its metrics; target ratio <= 1.15.
+SFT and DPO are timed on the same batch (DPO reads it as 8 chosen/rejected pairs). Peak memory
+is XLA's `memory_analysis()` of each compiled step.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from benchmarks.timing import interleaved, median_ratio, row
+from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
+from dqo_jax.train import policy_step
+from dqo_jax.train.forward import response_logprobs, response_mask, response_values
+from dqo_jax.train.policy_value_step import PolicyValueState, make_dqo_step
+from dqo_jax.train.state import TrainState, make_optimizer
+
+# (model, batch, prompt length, response length, timed rounds)
+SIZES = dict(
+    quick=(
+        dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, d_ff=688),
+        16,
+        64,
+        192,
+        3,
+    ),
+    full=(
+        dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1376),
+        16,
+        128,
+        384,
+        7,
+    ),
+    tiny=(dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64), 4, 4, 8, 1),
+)
+VOCAB = 4096
+OPT = ml_collections.ConfigDict(
+    dict(lr=1e-5, warmup_steps=10, end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b2=0.98)
+)
+
+
+# configs/common.py's `dqo` section with importance traces on (the costlier targets).
+DQO = ml_collections.ConfigDict(
+    dict(
+        beta=0.1,
+        lam=0.95,
+        importance_traces=True,
+        rho_max=1.0,
+        c_max=1.0,
+        return_impl="scan",
+        loss_norm="token",
+        value_warmup_steps=0,
+        process=dict(enabled=False, alpha=1.0),
+    )
+)
+
+
+def make_batch(b: int, p: int, r: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  prompt_len = rng.integers(p // 2, p + 1, b)
+  response_len = rng.integers(r // 2, r + 1, b).astype(np.int32)
+  prompt_mask = (np.arange(p)[None] >= p - prompt_len[:, None]).astype(np.int32)
+  response = rng.integers(4, VOCAB, (b, r)).astype(np.int32)
+  response[np.arange(r)[None] >= response_len[:, None]] = 0
+  return jax.tree.map(
+      jnp.asarray,
+      dict(
+          prompt=rng.integers(4, VOCAB, (b, p)).astype(np.int32) * prompt_mask,
+          prompt_mask=prompt_mask,
+          response=response,
+          response_len=response_len,
+          reward=rng.integers(0, 2, b).astype(np.float32),
+          behaviour_logprobs=-rng.uniform(0, 3, (b, r)).astype(np.float32),
+          ref_logprobs=-rng.uniform(0, 3, (b, r)).astype(np.float32),
+      ),
+  )
+
+
+def _cost(compiled, key: str) -> float:
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost).get(key, 0.0)
+
+
+def peak_mib(compiled) -> float:
+  """Arguments + outputs + temporaries - donated aliases: XLA's buffer assignment for the step.
+  (On CPU `peak_memory_in_bytes` counts the arguments only, so the larger of the two is taken.)"""
+  m = compiled.memory_analysis()
+  live = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+  return max(m.peak_memory_in_bytes, live - m.alias_size_in_bytes) / 2**20
+
+
+class _Stepper:
+  """A jitted train step with its state donated and carried from call to call, as in `fit`."""
+
+  def __init__(self, step, state, batch):
+    self.compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    self.state, self.batch = state, batch
+
+  def __call__(self):
+    self.state, metrics = self.compiled(self.state, self.batch)
+    return metrics
+
+
+def steps_and_floors(size: str):
+  """{name: (zero-argument call, compiled)} for the steps and the two forward+backward passes."""
+  model_kwargs, b, p, r, _ = SIZES[size]
+  cfg = ModelConfig(vocab_size=VOCAB, **model_kwargs)
+  policy, value = Transformer(cfg, head="lm"), Transformer(cfg, head="value")
+  batch = make_batch(b, p, r)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  init = lambda m, seed: nn.meta.unbox(m.init(jax.random.key(seed), tokens, tokens + 1)["params"])
+  policy_params = init(policy, 0)
+  value_params = value_params_from_policy(policy_params, init(value, 1))
+  tx = make_optimizer(OPT, 1000)
+  new_state = lambda params: TrainState.create(jax.tree.map(jnp.copy, params), tx)
+  # The floor: gradients of the simplest losses of each model's outputs, nothing else. The batch
+  # is an argument, as it is to the steps, so that XLA cannot fold it in as a constant.
+  masked_sum = lambda x, batch: jnp.sum(x * response_mask(batch))
+  policy_grad = jax.grad(lambda w, b: masked_sum(response_logprobs(policy, w, b), b))
+  value_grad = jax.grad(lambda w, b: masked_sum(jnp.square(response_values(value, w, b)), b))
+  floors = {
+      name: (jax.jit(fn).lower(params, batch).compile(), params)
+      for name, fn, params in (
+          ("policy fwd+bwd", policy_grad, policy_params),
+          ("value fwd+bwd", value_grad, value_params),
+      )
+  }
+  steppers = dict(
+      dqo=_Stepper(
+          make_dqo_step(policy, value, tx, tx, DQO),
+          PolicyValueState(policy=new_state(policy_params), value=new_state(value_params)),
+          batch,
+      ),
+      sft=_Stepper(policy_step.make_sft_step(policy, tx), new_state(policy_params), batch),
+      dpo=_Stepper(
+          policy_step.make_policy_step(policy, tx, policy_step.dpo_objective(0.1)),
+          new_state(policy_params),
+          batch,
+      ),
+  )
+  calls = {name: (s, s.compiled) for name, s in steppers.items()}
+  calls.update({name: (functools.partial(c, w, batch), c) for name, (c, w) in floors.items()})
+  return calls, b * (p + r)
+
+
+def rows(quick: bool, size: str | None = None) -> list[dict]:
+  size = size or ("quick" if quick else "full")
+  calls, tokens = steps_and_floors(size)
+  model_kwargs, b, p, r, repeats = SIZES[size]
+  times = interleaved({name: fn for name, (fn, _) in calls.items()}, repeats)
+  med = {name: statistics.median(t) for name, t in times.items()}
+  floor = [pv + vv for pv, vv in zip(times["policy fwd+bwd"], times["value fwd+bwd"])]
+  peak = {name: peak_mib(compiled) for name, (_, compiled) in calls.items()}
+  # Where the step's extra time could come from: XLA's count of its work against the floor's.
+  extra = {
+      key: _cost(calls["dqo"][1], key)
+      / (_cost(calls["policy fwd+bwd"][1], key) + _cost(calls["value fwd+bwd"][1], key))
+      for key in ("flops", "bytes accessed")
+  }
+  shape = (
+      f"d_model {model_kwargs['d_model']}, {model_kwargs['n_layers']} layers, vocab {VOCAB}, "
+      f"batch {b} x (prompt {p} + response {r})"
+  )
+  out = [
+      row(
+          "DQO step / (policy + value fwd+bwd)",
+          med["dqo"] * 1e3,
+          baseline=statistics.median(floor) * 1e3,
+          ratio=median_ratio(times["dqo"], floor),
+          target=1.15,
+          unit="ms",
+          notes=(
+              f"{tokens / med['dqo']:,.0f} tokens/s; {shape}; XLA cost analysis of the step vs"
+              f" the floor: flops x{extra['flops']:.4f}, bytes accessed"
+              f" x{extra['bytes accessed']:.3f}"
+          ),
+      )
+  ]
+  for name, label in (("sft", "SFT"), ("dpo", "DPO")):
+    out.append(
+        row(
+            f"{label} step / policy fwd+bwd",
+            med[name] * 1e3,
+            baseline=med["policy fwd+bwd"] * 1e3,
+            ratio=median_ratio(times[name], times["policy fwd+bwd"]),
+            unit="ms",
+            notes=f"{tokens / med[name]:,.0f} tokens/s; same batch"
+            + ("" if name == "sft" else " as 8 pairs"),
+        )
+    )
+  for name, label, base in (
+      ("dqo", "DQO", peak["policy fwd+bwd"] + peak["value fwd+bwd"]),
+      ("sft", "SFT", peak["policy fwd+bwd"]),
+      ("dpo", "DPO", peak["policy fwd+bwd"]),
+  ):
+    out.append(
+        row(
+            f"peak memory {label} step",
+            peak[name],
+            baseline=base,
+            ratio=peak[name] / base,
+            unit="MiB",
+            notes="memory_analysis() of the compiled step; baseline: its fwd+bwd pass(es)' peaks",
+        )
+    )
+  return out

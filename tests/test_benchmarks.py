@@ -1,0 +1,50 @@
+"""`python -m benchmarks.run`'s row functions at tiny sizes: they run and fill every column.
+No timing is asserted (the machine is shared); MATH fixtures grade as they say they do."""
+
+import json
+
+import pytest
+
+from benchmarks import attention, grading, padding, returns, run, train_steps
+from dqo_jax.rewards import grade_batch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # donation on CPU
+
+
+def _check(rows):
+  assert rows
+  for r in rows:
+    assert tuple(r) == run.COLUMNS
+    assert r["met"] in (None, True, False)
+    assert r["ours"] is not None and r["ours"] > 0, r
+    if r["target"] is None:
+      assert r["met"] is None
+  json.dumps(rows, default=float)
+
+
+@pytest.mark.parametrize(
+    "rows_fn",
+    [
+        lambda: train_steps.rows(True, size="tiny"),
+        lambda: attention.rows(True, lengths=(16,)),
+        lambda: returns.rows(True),
+        lambda: padding.rows(True),
+        lambda: grading.rows(True),
+    ],
+    ids=["train_steps", "attention", "returns", "padding", "grading"],
+)
+def test_rows(rows_fn):
+  _check(rows_fn())
+
+
+def test_run_collects_present_modules_and_skips_absent_ones():
+  rows, absent = run.collect(True, modules=("padding", "not_a_benchmark"))
+  assert absent == ["not_a_benchmark"] and rows[0]["name"].startswith("padding")
+  table = run.markdown(rows).splitlines()
+  assert table[0].startswith("| name | ours") and len(table) == 2 + len(rows)
+
+
+@pytest.mark.parametrize("cases", [grading.MATH_TYPICAL, grading.MATH_SYMBOLIC])
+def test_math_fixtures_grade_as_labelled(cases):
+  grades = grade_batch("math", [c[0] for c in cases], [c[1] for c in cases])
+  assert [g.correct for g in grades] == [c[2] for c in cases]
