@@ -8,13 +8,15 @@ values are overridden on the command line, e.g. `--config.method=dpo --config.dq
 
 Multi-host: run the same command on every host, adding `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` (I = 0..N-1); on a TPU pod slice the TPU environment supplies
-them (`--distributed=auto`, the default). DIR must be shared by the hosts.
+them (`--distributed=auto`, the default). DIR must be shared by the hosts: a local path on each,
+e.g. a bucket mounted with gcsfuse (URLs such as gs://... are refused).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -34,6 +36,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0..n
 
 
 def check_workdir(workdir: str) -> str:
+  # Every stage writes with plain file I/O: abspath would turn gs://b/x into ./gs:/b/x.
+  if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+    raise UserError(
+        f"--workdir={workdir} is a URL; workdirs must be local or mounted paths: mount the "
+        "bucket with gcsfuse (launch/setup.sh --mount-bucket BUCKET mounts it at /gcs/BUCKET on "
+        "every worker) and pass --workdir=/gcs/BUCKET/..."
+    )
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)

@@ -165,6 +165,99 @@ def test_setup_copies_head_and_installs_on_every_worker(env):
   ]
 
 
+APT = "sudo apt-get -q -o DPkg::Lock::Timeout=600"
+KEY = "/usr/share/keyrings/cloud.google.asc"
+
+
+def _mount(bucket, mount_point):
+  cache = f'"$HOME/gcsfuse_cache/{bucket}"'
+  return (
+      "--command=set -e; if ! command -v gcsfuse >/dev/null; then "
+      f'echo "deb [signed-by={KEY}] https://packages.cloud.google.com/apt '
+      'gcsfuse-$(lsb_release -c -s) main" | sudo tee /etc/apt/sources.list.d/gcsfuse.list '
+      f">/dev/null; sudo curl -fsSL -o {KEY} https://packages.cloud.google.com/apt/doc/apt-key.gpg; "
+      f"{APT} update; {APT} install -y gcsfuse; fi; "
+      f"if mountpoint -q {mount_point}; then echo {mount_point} is mounted already; "
+      f'else sudo mkdir -p {mount_point}; sudo chown "$(id -u):$(id -g)" {mount_point}; '
+      f"mkdir -p {cache}; gcsfuse --implicit-dirs --rename-dir-limit=200000 "
+      f"--metadata-cache-ttl-secs=0 --cache-dir={cache} --file-cache-max-size-mb=20480 "
+      f"{bucket} {mount_point}; fi"
+  )
+
+
+def test_setup_mounts_the_bucket_on_every_worker(env):
+  """--mount-bucket: one more command, after the install, that installs gcsfuse where it is
+  missing and mounts the bucket where it is not mounted yet."""
+  repo = ["--repo", "https://example.com/dqo.git"]
+  install, mount = dry(env, "setup.sh", *TPU, *repo, "--mount-bucket", "my-b")
+  assert install[-1].startswith("--command=set -e; rm -rf dqo_jax; git clone")
+  assert mount == [*SSH, "--worker=all", _mount("my-b", "/gcs/my-b")]
+  # gs:// and a trailing slash are forgiven; the mount point is quoted for the remote shell.
+  args = [*TPU, *repo, "--mount-bucket=gs://my-b/", "--mount-point", "/mnt/my b", "--worker=1"]
+  assert dry(env, "setup.sh", *args)[1] == [*SSH, "--worker=1", _mount("my-b", "'/mnt/my b'")]
+
+
+MOUNT_FAKES = {
+    # Mounted already when $FAKE_MOUNTED is set.
+    "mountpoint": '#!/bin/sh\necho mountpoint "$@" >> "$FAKE_LOG"\n[ -n "$FAKE_MOUNTED" ]\n',
+    "sudo": '#!/bin/sh\necho sudo "$@" >> "$FAKE_LOG"\n',
+    "lsb_release": "#!/bin/sh\necho jammy\n",
+}
+
+
+@pytest.mark.parametrize("installed", [False, True])
+@pytest.mark.parametrize("mounted", [False, True])
+def test_the_remote_mount_command_is_idempotent(env, tmp_path, installed, mounted):
+  """What setup.sh sends to a worker, run here with fakes for sudo, mountpoint and gcsfuse:
+  gcsfuse is installed only where it is missing, and the bucket mounted only where it is not."""
+  bin_dir, home, log = tmp_path / "fakes", tmp_path / "home", tmp_path / "log"
+  bin_dir.mkdir()
+  home.mkdir()
+  fakes = dict(MOUNT_FAKES)
+  if installed:
+    fakes["gcsfuse"] = '#!/bin/sh\necho gcsfuse "$@" >> "$FAKE_LOG"\n'
+  for name, text in fakes.items():
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  (cmd,) = dry(env, "setup.sh", *TPU, "--repo", "r", "--mount-bucket", "bkt")[1:]
+  remote = cmd[-1].removeprefix("--command=")
+  # The fakes and the directories of the real tools the command needs (mkdir, id).
+  path = ":".join([str(bin_dir), *{os.path.dirname(shutil.which(t)) for t in ("mkdir", "id")}])
+  if not installed and shutil.which("gcsfuse", path=path):
+    pytest.skip("a real gcsfuse is installed beside mkdir")
+  run_env = dict(PATH=path, HOME=str(home), FAKE_LOG=str(log))
+  if mounted:
+    run_env["FAKE_MOUNTED"] = "1"
+  proc = subprocess.run(
+      ["bash", "-c", remote], env=run_env, capture_output=True, text=True, timeout=30
+  )
+  ran = log.read_text().splitlines()
+  install = [
+      "sudo tee /etc/apt/sources.list.d/gcsfuse.list",
+      f"sudo curl -fsSL -o {KEY} https://packages.cloud.google.com/apt/doc/apt-key.gpg",
+      f"{APT} update",
+      f"{APT} install -y gcsfuse",
+  ]
+  cache = f"{home}/gcsfuse_cache/bkt"
+  mount = [
+      "sudo mkdir -p /gcs/bkt",
+      f"sudo chown {os.getuid()}:{os.getgid()} /gcs/bkt",
+      "gcsfuse --implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0 "
+      f"--cache-dir={cache} --file-cache-max-size-mb=20480 bkt /gcs/bkt",
+  ]
+  expected = ([] if installed else install) + ["mountpoint -q /gcs/bkt"]
+  expected += [] if mounted else mount
+  if not installed and not mounted:
+    # The fake sudo installs nothing, so the mount fails for want of gcsfuse, as it should.
+    expected = expected[:-1]
+    assert proc.returncode == 127 and "gcsfuse" in proc.stderr
+  else:
+    assert proc.returncode == 0, proc.stderr
+  assert ran == expected
+  assert ("/gcs/bkt is mounted already" in proc.stdout) == mounted
+  assert os.path.isdir(cache) != mounted
+
+
 def test_setup_from_git(env):
   assert dry(env, "setup.sh", *TPU, "--repo", "https://example.com/dqo.git", "--ref", "v1") == [
       [
@@ -182,7 +275,7 @@ RUN_ARGS = [
     *TPU,
     "--config",
     "configs/gsm8k.py:qwen2_7b",
-    "--workdir=gs://b/runs/g1",
+    "--workdir=/gcs/b/runs/g1",
     "--log-bucket",
     "gs://b/logs/",
     "--env",
@@ -200,7 +293,7 @@ def test_run_starts_the_job_detached_on_every_worker(env):
           "--worker=all",
           "--command=cd dqo_jax && { setsid nohup bash launch/worker.sh --log ../dqo_logs/g1.log "
           "--log-bucket gs://b/logs/g1 -- env PYTHONUNBUFFERED=1 'A=x y' ../dqo_venv/bin/python "
-          "-m dqo_jax.main --config=configs/gsm8k.py:qwen2_7b --workdir=gs://b/runs/g1 "
+          "-m dqo_jax.main --config=configs/gsm8k.py:qwen2_7b --workdir=/gcs/b/runs/g1 "
           "--config.dqo.beta=0.05 '--config.model.path=gs://b/it'\"'\"'s here' "
           ">/dev/null 2>&1 </dev/null & }",
       ]
@@ -256,7 +349,7 @@ def test_the_remote_command_runs_the_job_and_logs(env, tmp_path):
       "-m",
       "dqo_jax.main",
       "--config=configs/gsm8k.py:qwen2_7b",
-      "--workdir=gs://b/runs/g1",
+      "--workdir=/gcs/b/runs/g1",
       "--config.dqo.beta=0.05",
       "--config.model.path=gs://b/it's here",
   ]
@@ -296,6 +389,7 @@ def test_delete(env):
     "script, args",
     [
         ("create.sh", [*TPU, "--accelerator", "v5p-16", "--queued", "--spot"]),
+        ("setup.sh", [*TPU, "--repo", "r", "--mount-bucket", "bkt"]),
         ("run.sh", RUN_ARGS),
         ("tail.sh", TPU),
         ("delete.sh", [*TPU, "--queued"]),
@@ -305,8 +399,8 @@ def test_a_real_run_runs_what_dry_run_prints(env, script, args):
   printed = dry(env, script, *args)
   proc = launch(dict(env, FAKE_STATUS="0"), script, *args)
   assert proc.returncode == 0, proc.stderr
-  assert calls(env) == printed
-  assert proc.stderr == "".join(f"+ {shlex.join(c)}\n" for c in printed)  # echoed as it runs
+  assert sorted(calls(env)) == sorted(printed)  # the call files' names do not keep the order,
+  assert proc.stderr == "".join(f"+ {shlex.join(c)}\n" for c in printed)  # the echoes do
 
 
 def test_a_failing_gcloud_fails_the_script(env):
@@ -323,7 +417,7 @@ def test_a_failing_gcloud_fails_the_script(env):
         ("create.sh", ["--name", "t1", "--accelerator", "v5p-8"], "--zone"),
         ("create.sh", TPU, "--accelerator"),
         ("setup.sh", ["--zone", "z"], "--name"),
-        ("run.sh", [*TPU, "--workdir", "gs://b/r"], "--config"),
+        ("run.sh", [*TPU, "--workdir", "/gcs/b/r"], "--config"),
         ("run.sh", [*TPU, "--config", "configs/arith.py"], "--workdir"),
         ("tail.sh", ["--name", "t1"], "--zone"),
         ("delete.sh", ["--zone", "z", "--queued"], "--name"),
@@ -345,9 +439,15 @@ def test_missing_flag_is_one_line_naming_it(env, script, args, flag):
         ("create.sh", [*TPU, "--accelerator"], "--accelerator needs a value"),
         ("run.sh", [*TPU, "--config", "c", "--workdir", "/w", "--worker", "x"], "--worker must"),
         ("run.sh", [*TPU, "--config", "c", "--workdir", "/w", "--env", "oops"], "KEY=VALUE"),
-        ("run.sh", [*TPU, "--config", "c", "--workdir", "runs/a"], "--workdir must be a gs://"),
+        ("run.sh", [*TPU, "--config", "c", "--workdir", "runs/a"], "must be an absolute path"),
+        ("run.sh", [*TPU, "--config", "c", "--workdir", "gs://b/r"], "--mount-bucket BUCKET"),
+        ("run.sh", [*TPU, "--config", "c", "--workdir", "s3://b/r"], "local or mounted path"),
         ("run.sh", [*TPU, "--config", "c", "--workdir", "/w", "--log-bucket", "b"], "gs://"),
         ("setup.sh", [*TPU, "--ref", "v1"], "--ref needs --repo"),
+        ("setup.sh", [*TPU, "--mount-point", "/m"], "--mount-point needs --mount-bucket"),
+        ("setup.sh", [*TPU, "--mount-bucket", "My_Bucket"], "takes a bucket name"),
+        ("setup.sh", [*TPU, "--mount-bucket", "gs://b/dir"], "takes a bucket name"),
+        ("setup.sh", [*TPU, "--mount-bucket", "bkt", "--mount-point", "m"], "absolute path"),
         ("tail.sh", [*TPU, "extra"], "unexpected argument extra"),
     ],
 )

@@ -124,6 +124,8 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
         ("--config.method=ppo", "choose from sft, rft, dpo, kto, dro, dqo"),
         ("--config.train.grad_accum_steps=3", "grad_accum_steps=3 must be at least 1 and divide"),
         ("--num_processes=2", "needs all of --coordinator_address=HOST:PORT"),
+        # The last --workdir wins: a URL is refused, not turned into a local ./gs:/ directory.
+        ("--workdir=gs://b/runs/a", "workdirs must be local or mounted paths"),
     ],
 )
 def test_bad_config_gets_one_line_error(tmp_path, override, expected):
@@ -132,6 +134,7 @@ def test_bad_config_gets_one_line_error(tmp_path, override, expected):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
   assert "Traceback" not in proc.stderr
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
 
 def test_unwritable_workdir_gets_one_line_error(tmp_path):
