@@ -1,15 +1,13 @@
 """All benchmarks as one table: `python -m benchmarks.run [--quick]`.
 
 Prints a markdown table and writes benchmarks/results.json. Each module in MODULES exposes
-`rows(quick: bool) -> list[dict]` with the keys of `benchmarks.timing.row`; a module that is not
-there (the sampler benchmark lives on another branch until merged) is skipped with a note.
+`rows(quick: bool) -> list[dict]` with the keys of `benchmarks.timing.row`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -36,15 +34,9 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def collect(quick: bool, modules=MODULES) -> tuple[list[dict], list[str]]:
-  """The rows of every module present, and the names of those absent."""
-  rows, absent = [], []
-  for name in modules:
-    if importlib.util.find_spec(f"benchmarks.{name}") is None:
-      absent.append(name)
-      continue
-    rows += importlib.import_module(f"benchmarks.{name}").rows(quick)
-  return rows, absent
+def collect(quick: bool, modules=MODULES) -> list[dict]:
+  """The rows of every module, in order."""
+  return [r for name in modules for r in importlib.import_module(f"benchmarks.{name}").rows(quick)]
 
 
 def main() -> None:
@@ -53,7 +45,7 @@ def main() -> None:
   parser.add_argument("--out", default=RESULTS)
   args = parser.parse_args()
   start = time.time()
-  rows, absent = collect(args.quick)
+  rows = collect(args.quick)
   seconds = time.time() - start
   machine = dict(
       backend=jax.default_backend(),
@@ -67,7 +59,6 @@ def main() -> None:
         dict(
             rows=rows,
             quick=args.quick,
-            absent_modules=absent,
             seconds=round(seconds, 1),
             date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(start)),
             machine=machine,
@@ -77,7 +68,7 @@ def main() -> None:
         default=float,
     )
   print(markdown(rows))
-  print(f"\n{len(rows)} rows in {seconds:.0f} s; absent modules: {', '.join(absent) or 'none'}")
+  print(f"\n{len(rows)} rows in {seconds:.0f} s")
   print(f"written to {args.out}")
 
 

@@ -32,11 +32,13 @@ def median_ratio(numerator: list[float], denominator: list[float]) -> float:
   return statistics.median(n / d for n, d in zip(numerator, denominator))
 
 
-def row(name, ours, *, unit, baseline=None, ratio=None, target=None, notes=""):
-  """One result row; `target` bounds `ratio` from above (or `ours` when there is no ratio), and
-  `met` is None when the row has no target."""
+def row(name, ours, *, unit, baseline=None, ratio=None, target=None, at_least=False, notes=""):
+  """One result row; `target` bounds `ratio` (or `ours` when there is no ratio) from above, or
+  from below with `at_least`; `met` is None when the row has no target or no value."""
   value = ours if ratio is None else ratio
-  met = None if target is None or value is None else bool(value <= target)
+  met = None
+  if target is not None and value is not None:
+    met = bool(value >= target) if at_least else bool(value <= target)
   return dict(
       name=name,
       ours=ours,

@@ -37,9 +37,9 @@ def test_rows(rows_fn):
   _check(rows_fn())
 
 
-def test_run_collects_present_modules_and_skips_absent_ones():
-  rows, absent = run.collect(True, modules=("padding", "not_a_benchmark"))
-  assert absent == ["not_a_benchmark"] and rows[0]["name"].startswith("padding")
+def test_run_collects_the_rows_of_the_modules_it_is_given():
+  rows = run.collect(True, modules=("padding",))
+  assert rows and all(r["name"].startswith("padding") for r in rows)
   table = run.markdown(rows).splitlines()
   assert table[0].startswith("| name | ours") and len(table) == 2 + len(rows)
 
