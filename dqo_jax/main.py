@@ -5,6 +5,9 @@ writes under its own directory (DIR/<stage>/; DIR/<run name>/ and DIR/eval/<run 
 method in `config.method`) and ends by writing DONE.json there; a stage with that file is
 skipped, and a training stage that was interrupted resumes from its last checkpoint. Config
 values are overridden on the command line, e.g. `--config.method=dpo --config.dqo.beta=0.05`.
+
+`--compile_only --topology=v5p-16` instead compiles the train step for that TPU slice and prints
+its per-chip memory and FLOPs (dqo_jax/aot.py, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ from dqo_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only",
+    False,
+    "Compile the DQO/DRO train step for --topology and print its per-chip memory and FLOPs; "
+    "runs nothing and needs no workdir, weights or TPU (dqo_jax/aot.py).",
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --compile_only: the TPU slice, e.g. v5p-16, v4-8, v5e-16, v6e-8."
+)
 
 
 def check_workdir(workdir: str) -> str:
@@ -39,6 +51,7 @@ def check_workdir(workdir: str) -> str:
 
 
 def check_config(config) -> list[str]:
+  from dqo_jax.model import REMAT_POLICIES
   from dqo_jax.stages.context import STAGES
   from dqo_jax.stages.train import METHODS
 
@@ -48,6 +61,9 @@ def check_config(config) -> list[str]:
     raise UserError(f"config.stages names unknown stage(s) {unknown}; choose from {list(STAGES)}")
   if config.method not in METHODS:
     raise UserError(f"config.method={config.method!r}; choose from {', '.join(METHODS)}")
+  remat = config.model.get("remat", "none")
+  if remat not in REMAT_POLICIES:
+    raise UserError(f"config.model.remat={remat!r}; choose from {', '.join(REMAT_POLICIES)}")
   d = config.dqo
   if d.importance_traces and d.c_max > d.rho_max:
     raise UserError(
@@ -166,7 +182,27 @@ def command_line(argv):
   return _CONFIG.value, _WORKDIR.value
 
 
+def compile_only(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None or not _TOPOLOGY.value:
+    raise app.UsageError("--compile_only needs --config=FILE and --topology=SLICE (e.g. v5p-16)")
+  # The host only traces the step; libtpu compiles it for the slice without any TPU attached.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from dqo_jax import aot
+
+  check_config(_CONFIG.value)
+  aot.run(_CONFIG.value, _TOPOLOGY.value)
+
+
 def main(argv):
+  if _COMPILE_ONLY.value:
+    try:
+      compile_only(argv)
+    except (UserError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    return
   from dqo_jax.train.loop import Interrupted
 
   config, workdir = command_line(argv)

@@ -119,6 +119,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
         ("--config.dqo.beta=abc", "could not convert string to float"),
         ("--config.stages=sft,rl", "unknown stage"),
         ("--config.method=ppo", "choose from sft, rft, dpo, kto, dro, dqo"),
+        ("--config.model.remat=some", "choose from none, full, dots"),
     ],
 )
 def test_bad_config_gets_one_line_error(tmp_path, override, expected):
