@@ -49,7 +49,11 @@ def get_config(arg: str = ""):
       d_ff=384,
       rope_theta=10_000.0,
       tie_embeddings=True,
+      # Compute dtype ("bfloat16" on TPU: matmuls in bf16, parameters and optimizer state stay
+      # float32) and activation rematerialisation per decoder block ("none", "dots", "full");
+      # see configs/common.py RUN_OPTIONS.
       dtype="float32",
+      remat="none",
       attention="xla",  # xla, cudnn, einsum or pallas_tpu (dqo_jax/attention.py)
   )
 

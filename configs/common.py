@@ -8,6 +8,8 @@ import ml_collections
 # Presets that fine-tune a pretrained model: its weights and tokenizer come from
 # --config.model.path=DIR (a local copy of the Hugging Face repository named here).
 PRETRAINED = {
+    "qwen2_0_5b": dict(name="Qwen2-0.5B", hf_repo="Qwen/Qwen2-0.5B", family="qwen2"),
+    "qwen2_1_5b": dict(name="Qwen2-1.5B", hf_repo="Qwen/Qwen2-1.5B", family="qwen2"),
     "qwen2_7b": dict(name="Qwen2-7B", hf_repo="Qwen/Qwen2-7B", family="qwen2"),
     "gemma_7b": dict(name="Gemma-7B", hf_repo="google/gemma-7b", family="gemma"),
     "llama3_8b": dict(name="Llama-3-8B", hf_repo="meta-llama/Meta-Llama-3-8B", family="llama3"),
@@ -145,11 +147,17 @@ def task_config(task, *, max_prompt_len, max_response_len, instruction, template
   return c
 
 
+# How a model runs, for every preset: `dtype` is the compute dtype (bfloat16 matmuls, with
+# parameters and optimizer state kept in float32 as master copies); `remat` is what each decoder
+# block keeps for the backward pass: "none", "dots" (matmul outputs) or "full" (recompute it all;
+# least memory); `attention` is the kernel (dqo_jax/attention.py). `--compile_only` shows what
+# each choice costs on a TPU slice (docs/scaling.md).
+RUN_OPTIONS = dict(dtype="bfloat16", remat="none", attention="xla")
+
+
 def pretrained_model(preset: str):
   """The `model` section of a pretrained preset: `path` is what the user must supply."""
-  return ml_collections.ConfigDict(
-      dict(path="", dtype="bfloat16", attention="xla", **PRETRAINED[preset])
-  )
+  return ml_collections.ConfigDict(dict(path="", **RUN_OPTIONS, **PRETRAINED[preset]))
 
 
 def tiny_model():
@@ -164,8 +172,9 @@ def tiny_model():
           d_ff=64,
           rope_theta=10_000.0,
           tie_embeddings=True,
-          dtype="float32",
+          dtype="float32",  # a model this small runs on CPU, where bfloat16 gains nothing
           attention="xla",
+          remat="none",
       )
   )
 

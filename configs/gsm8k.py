@@ -4,8 +4,10 @@
     python -m dqo_jax.main --config=configs/gsm8k.py:tiny --workdir=/tmp/gsm8k_tiny   # CPU, ~1 min
 
 Presets (the part after ':'):
-  qwen2_7b (the default), gemma_7b, llama3_8b: fine-tune that pretrained model, whose weights and
-      tokenizer are read from --config.model.path=DIR (required).
+  qwen2_7b (the default), qwen2_0_5b, qwen2_1_5b, gemma_7b, llama3_8b: fine-tune that pretrained
+      model, whose weights and tokenizer are read from --config.model.path=DIR (required).
+      `--compile_only --topology=v5p-16` sizes the DQO step on a TPU slice without them
+      (docs/scaling.md).
   tiny: a 2-layer model and a SentencePiece tokenizer trained from scratch on a slice of the
       real data from ../shared/data/gsm8k (next to the repository); it proves the plumbing, its
       accuracy is near zero.

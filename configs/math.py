@@ -10,8 +10,10 @@ docs/data.md says where to get it. Evaluation groups accuracy by difficulty leve
 `by_steps` is per level for this task.
 
 Presets (the part after ':'):
-  qwen2_7b (the default), gemma_7b, llama3_8b: fine-tune that pretrained model, whose weights and
-      tokenizer are read from --config.model.path=DIR (required).
+  qwen2_7b (the default), qwen2_0_5b, qwen2_1_5b, gemma_7b, llama3_8b: fine-tune that pretrained
+      model, whose weights and tokenizer are read from --config.model.path=DIR (required).
+      `--compile_only --topology=v5p-16` sizes the DQO step on a TPU slice without them
+      (docs/scaling.md).
   tiny: a 2-layer model and a SentencePiece tokenizer trained from scratch on the test suite's
       made-up MATH-format fixture (tests/fixtures/math_hendrycks); it proves the plumbing only.
 """

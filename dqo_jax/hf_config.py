@@ -30,6 +30,69 @@ _ACTIVATIONS = {
 }
 _HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 
+# The architecture keys of the public `config.json` of models the presets name, so that
+# `--compile_only` can size a step without a download (token ids and other keys left out).
+_QWEN2 = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1_000_000.0)
+KNOWN_CONFIGS = {
+    "Qwen/Qwen2-0.5B": _QWEN2
+    | dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen2-1.5B": _QWEN2
+    | dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen2-7B": _QWEN2
+    | dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "google/gemma-7b": dict(
+        model_type="gemma",
+        hidden_act="gelu",
+        hidden_activation="gelu_pytorch_tanh",
+        hidden_size=3072,
+        intermediate_size=24576,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=256,
+        vocab_size=256000,
+        rms_norm_eps=1e-6,
+        rope_theta=10_000.0,
+    ),
+    "meta-llama/Meta-Llama-3-8B": dict(
+        model_type="llama",
+        hidden_act="silu",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rms_norm_eps=1e-5,
+        rope_theta=500_000.0,
+        tie_word_embeddings=False,
+    ),
+}
+
 
 def read_hf_config(config) -> dict[str, Any]:
   """`config` as a dict: a dict already, a `config.json` path, or the directory holding one."""

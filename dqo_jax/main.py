@@ -10,6 +10,9 @@ Multi-host: run the same command on every host, adding `--coordinator_address=HO
 --num_processes=N --process_id=I` (I = 0..N-1); on a TPU pod slice the TPU environment supplies
 them (`--distributed=auto`, the default). DIR must be shared by the hosts: a local path on each,
 e.g. a bucket mounted with gcsfuse (URLs such as gs://... are refused).
+
+`--compile_only --topology=v5p-16` instead compiles the train step for that TPU slice and prints
+its per-chip memory and FLOPs (dqo_jax/aot.py, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes (hosts) in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0..num_processes-1.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only",
+    False,
+    "Compile the DQO/DRO train step for --topology and print its per-chip memory and FLOPs; "
+    "runs nothing and needs no workdir, weights or TPU (dqo_jax/aot.py).",
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --compile_only: the TPU slice, e.g. v5p-16, v4-8, v5e-16, v6e-8."
+)
 
 
 def check_workdir(workdir: str) -> str:
@@ -59,6 +71,7 @@ def check_workdir(workdir: str) -> str:
 
 
 def check_config(config) -> list[str]:
+  from dqo_jax.model import REMAT_POLICIES
   from dqo_jax.stages.context import STAGES
   from dqo_jax.stages.train import METHODS
   from dqo_jax.train import accumulate
@@ -75,6 +88,9 @@ def check_config(config) -> list[str]:
         config[section].grad_accum_steps,
         f"config.{section}.grad_accum_steps",
     )
+  remat = config.model.get("remat", "none")
+  if remat not in REMAT_POLICIES:
+    raise UserError(f"config.model.remat={remat!r}; choose from {', '.join(REMAT_POLICIES)}")
   d = config.dqo
   if d.importance_traces and d.c_max > d.rho_max:
     raise UserError(
@@ -203,7 +219,27 @@ def command_line(argv):
   return _CONFIG.value, _WORKDIR.value
 
 
+def compile_only(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None or not _TOPOLOGY.value:
+    raise app.UsageError("--compile_only needs --config=FILE and --topology=SLICE (e.g. v5p-16)")
+  # The host only traces the step; libtpu compiles it for the slice without any TPU attached.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from dqo_jax import aot
+
+  check_config(_CONFIG.value)
+  aot.run(_CONFIG.value, _TOPOLOGY.value)
+
+
 def main(argv):
+  if _COMPILE_ONLY.value:
+    try:
+      compile_only(argv)
+    except (UserError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    return
   from dqo_jax import distributed
   from dqo_jax.train.loop import Interrupted
 

@@ -119,6 +119,15 @@ class ModelConfig:
 
 _ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
+# `model.remat`: what a decoder block keeps for the backward pass; the rest is recomputed there.
+# "full" keeps only each block's input (least memory, one more forward pass); "dots" keeps the
+# outputs of the weight matmuls and recomputes attention and the element-wise ops.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 def _frozen(v):
   """Lists (from JSON or ml_collections) as tuples, so the config stays hashable."""
@@ -314,6 +323,7 @@ class Transformer(nn.Module):
 
   cfg: ModelConfig
   head: str = "lm"
+  remat: str = "none"  # a key of REMAT_POLICIES; applies to calls without a cache (training)
 
   @nn.compact
   def __call__(self, tokens, attention_mask, cache: Cache | None = None, cache_index=0):
@@ -351,11 +361,14 @@ class Transformer(nn.Module):
       # Sliding layers see the keys fewer than `sliding_window` slots back (as Hugging Face).
       near = (query_slots[:, None] - slots[None, :]) < c.sliding_window
       sliding_mask = mask & near[None]
+    block = Block
+    if cache is None and self.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
     new_k, new_v = [], []
     for i in range(c.n_layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
       layer_mask = sliding_mask if c.layer_type(i) == "sliding" else mask
-      x, (k, v) = Block(c, name=f"layer_{i}")(x, positions, layer_mask, kv, cache_index)
+      x, (k, v) = block(c, name=f"layer_{i}")(x, positions, layer_mask, kv, cache_index)
       new_k.append(k)
       new_v.append(v)
     # Per-layer arrays, not one stacked array: stacking would copy the whole cache every

@@ -126,6 +126,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
         ("--num_processes=2", "needs all of --coordinator_address=HOST:PORT"),
         # The last --workdir wins: a URL is refused, not turned into a local ./gs:/ directory.
         ("--workdir=gs://b/runs/a", "workdirs must be local or mounted paths"),
+        ("--config.model.remat=some", "choose from none, full, dots"),
     ],
 )
 def test_bad_config_gets_one_line_error(tmp_path, override, expected):

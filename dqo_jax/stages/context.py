@@ -63,11 +63,11 @@ class Context:
 
   @functools.cached_property
   def policy_model(self) -> Transformer:
-    return Transformer(self.model_cfg, head="lm")
+    return Transformer(self.model_cfg, head="lm", remat=self.config.model.get("remat", "none"))
 
   @functools.cached_property
   def value_model(self) -> Transformer:
-    return Transformer(self.model_cfg, head="value")
+    return Transformer(self.model_cfg, head="value", remat=self.config.model.get("remat", "none"))
 
   def stage_dir(self, stage: str) -> str:
     path = os.path.join(self.workdir, stage)

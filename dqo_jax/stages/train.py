@@ -128,8 +128,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
     )
 
   records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE))
-  arrays = to_arrays(records, data.max_prompt_len, data.max_response_len, ctx.tokenizer.pad_id)
-  arrays["correct"] = np.array([views.is_success(r) for r in records], np.float32)
+  arrays = offline_arrays(records, data, ctx.tokenizer.pad_id)
   n = len(records)
   if method == "rft":
     rft = views.rft_arrays(records, arrays, ctx.train)
@@ -180,19 +179,31 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
     )
     objective = policy_step.kto_objective(float(cfg.kto.beta), lambda_d, lambda_u)
     return view, policy_step.make_policy_step(ctx.policy_model, txs[0], objective, accum)
-  if method == "dro":
-    objective = dro_objective(float(cfg.dro.beta))
-    warmup = 0
-  else:  # dqo
-    if cfg.dqo.process.enabled:
-      arrays.update(
-          views.process_arrays(read_potentials(ctx), arrays["response_len"], data.max_response_len)
-      )
-    objective = dqo_objective(cfg.dqo, cfg.rewards)
-    warmup = int(cfg.dqo.value_warmup_steps)
-  view = View(_batches(arrays, n, t.batch_size, seed, buckets), n, {})
-  step = make_policy_value_step(ctx.policy_model, ctx.value_model, *txs, objective, warmup, accum)
-  return view, step
+  if method == "dqo" and cfg.dqo.process.enabled:
+    arrays.update(
+        views.process_arrays(read_potentials(ctx), arrays["response_len"], data.max_response_len)
+    )
+  return View(_batches(arrays, n, t.batch_size, seed, buckets), n, {}), policy_value_step(ctx)
+
+
+def offline_arrays(records: list[dict], data_cfg, pad_id: int) -> dict[str, np.ndarray]:
+  """The sample stage's records as the arrays every method's view draws its batches from."""
+  arrays = to_arrays(records, data_cfg.max_prompt_len, data_cfg.max_response_len, pad_id)
+  arrays["correct"] = np.array([views.is_success(r) for r in records], np.float32)
+  return arrays
+
+
+def policy_value_step(ctx: Context):
+  """The step of DRO or DQO (`config.method`), which train a value model beside the policy."""
+  cfg = ctx.config
+  _, txs = init_fn(ctx)
+  if cfg.method == "dro":
+    objective, warmup = dro_objective(float(cfg.dro.beta)), 0
+  else:
+    objective, warmup = dqo_objective(cfg.dqo, cfg.rewards), int(cfg.dqo.value_warmup_steps)
+  return make_policy_value_step(
+      ctx.policy_model, ctx.value_model, *txs, objective, warmup, cfg.train.grad_accum_steps
+  )
 
 
 def run(ctx: Context) -> dict:

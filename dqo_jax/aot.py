@@ -1,0 +1,290 @@
+"""Ahead-of-time compilation of the DRO/DQO train step for a TPU slice, on any machine.
+
+`python -m dqo_jax.main --config=configs/gsm8k.py:qwen2_7b --compile_only --topology=v5p-16`
+
+libtpu describes the chips of a named slice without any being attached. The step is the one
+`dqo_jax.train.loop.jit_step` jits for a real run (same shardings, same donation), lowered from
+abstract shapes (no weights are read or allocated) and compiled by the TPU compiler, whose
+memory and cost analyses give per-chip memory and FLOPs. Needs libtpu
+(`pip install "jax[tpu]"` of the installed jax version; requirements-dev.txt pins it).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+import time
+
+import jax
+import numpy as np
+
+from dqo_jax import convert, hf_config, sharding
+from dqo_jax.errors import UserError
+from dqo_jax.model import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  cloud_name: str  # Cloud TPU's accelerator type is "<cloud_name>-<size>"
+  libtpu_name: str  # the prefix libtpu's topology names use
+  hbm_gib: float  # per chip
+  peak_tflops: float  # dense bf16, per chip
+  cores_per_chip: int  # v4 and v5p slice names count TensorCores: v5p-16 is 8 chips
+  torus: bool  # 3-D chip grid (v4, v5p) or 2-D (v5e, v6e)
+
+
+# Cloud TPU's published per-chip HBM and peak bf16 rates.
+CHIPS = {
+    "v4": Chip("v4", "v4", 32, 275, 2, True),
+    "v5p": Chip("v5p", "v5p", 95, 459, 2, True),
+    "v5e": Chip("v5litepod", "v5e", 16, 197, 1, False),
+    "v6e": Chip("v6e", "v6e", 32, 918, 1, False),
+}
+_ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+EXAMPLES = "v4-8, v4-32, v5p-16, v5p-128, v5e-16 (or v5litepod-16), v6e-8"
+
+
+def slice_grid(chips: int, torus: bool) -> tuple[int, ...]:
+  """The chip grid of a slice as Cloud TPU lays it out: 4 chips are 2x2(x1), and each doubling
+  doubles the last of the shortest sides (v4-16 is 2x2x2, v4-64 2x4x4; v5e-32 is 4x8)."""
+  grid = [2, 2, 1] if torus else [2, 2]
+  if chips == 1 and not torus:
+    return (1, 1)
+  while math.prod(grid) < chips:
+    i = max(j for j, g in enumerate(grid) if g == min(grid))
+    grid[i] *= 2
+  if math.prod(grid) != chips:
+    raise ValueError(chips)
+  return tuple(grid)
+
+
+def parse_topology(name: str) -> tuple[str, Chip, tuple[int, ...]]:
+  """'v5p-16' -> ("v5p", its Chip, chip grid (2, 2, 2)); a UserError for anything else."""
+  m = re.fullmatch(r"(v4|v5p|v5e|v6e|v5litepod|v6litepod)-(\d+)", name.strip().lower())
+  if m:
+    kind = _ALIASES.get(m.group(1), m.group(1))
+    chip = CHIPS[kind]
+    count = int(m.group(2))
+    if count % chip.cores_per_chip == 0 and count // chip.cores_per_chip > 0:
+      try:
+        return kind, chip, slice_grid(count // chip.cores_per_chip, chip.torus)
+      except ValueError:
+        pass
+  raise UserError(
+      f"--topology={name!r} is not a TPU slice this knows; use a name like {EXAMPLES} "
+      "(power-of-two sizes; v4 and v5p count TensorCores, 2 per chip)"
+  )
+
+
+def topology_devices(name: str):
+  """(kind, Chip, compile-only devices) of a named slice."""
+  kind, chip, grid = parse_topology(name)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+  # Nothing runs on a TPU here, so concurrent compiles need not lock the (absent) chips; and
+  # libtpu, which otherwise looks for the TPU VM it runs on, warns less when told the slice.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  chips = math.prod(grid)
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.cloud_name}-{chips * chip.cores_per_chip}")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  options = dict(chips_per_host_bounds=(1, 1, 1) if chips == 1 else (2, 2, 1))
+  if chip.cores_per_chip == 2:
+    options["chip_config_name"] = "megacore"  # one device per chip, both cores working on it
+  try:
+    topo = topologies.get_topology_desc(
+        f"{chip.libtpu_name}:{'x'.join(map(str, grid))}", "tpu", **options
+    )
+  except RuntimeError as e:
+    if "TPU support not installed" in str(e):
+      raise UserError(
+          f"--compile_only needs libtpu: pip install 'jax[tpu]=={jax.__version__}' "
+          "(or requirements-dev.txt)"
+      ) from None
+    raise
+  return kind, chip, topo.devices
+
+
+def model_config(config) -> ModelConfig:
+  """The architecture alone: from `model.path`'s config.json, else the public config of the
+  preset's `model.hf_repo`, else the fields of a model trained from scratch."""
+  m = config.model
+  if m.get("path"):
+    return convert.pretrained_config(m.path, m.dtype)
+  if m.get("hf_repo"):
+    if m.hf_repo not in hf_config.KNOWN_CONFIGS:
+      raise UserError(
+          f"config.model.hf_repo={m.hf_repo}: no built-in architecture; pass "
+          f"--config.model.path=DIR (only its config.json is read) or one of "
+          f"{', '.join(hf_config.KNOWN_CONFIGS)}"
+      )
+    return hf_config.model_config_from_hf(hf_config.KNOWN_CONFIGS[m.hf_repo], m.dtype)
+  return ModelConfig.from_config(m, config.tokenizer.vocab_size)
+
+
+def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a training batch, taken from the arrays the train stage builds."""
+  from dqo_jax.data import views  # pylint: disable=g-import-not-at-top
+  from dqo_jax.stages.train import offline_arrays  # pylint: disable=g-import-not-at-top
+
+  d = config.data
+  record = dict(
+      prompt=[0],
+      response=[0],
+      behaviour_logprobs=[0.0],
+      ref_logprobs=[0.0],
+      reward=0.0,
+      correct=False,
+      finish="eos",
+  )
+  arrays = offline_arrays([record], d, pad_id=0)
+  if config.method == "dqo" and config.dqo.process.enabled:
+    potentials = [dict(boundaries=[], potentials=[0.0])]
+    arrays.update(views.process_arrays(potentials, arrays["response_len"], d.max_response_len))
+  b = int(config.train.batch_size)
+  return {
+      k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype, sharding=batch_sharding)
+      for k, v in arrays.items()
+  }
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs."""
+  return sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
+  )
+
+
+def compile_step(config, topology: str) -> dict:
+  """Compiles the train step of `config` (method dqo or dro) for a TPU slice; the report."""
+  from dqo_jax.stages import train  # pylint: disable=g-import-not-at-top
+  from dqo_jax.stages.context import Context  # pylint: disable=g-import-not-at-top
+  from dqo_jax.train.loop import abstract_state, jit_step  # pylint: disable=g-import-not-at-top
+
+  if config.method not in train.VALUE_METHODS:
+    raise UserError(
+        f"--compile_only compiles the policy+value step: set --config.method to one of "
+        f"{', '.join(train.VALUE_METHODS)} (it is {config.method!r})"
+    )
+  kind, chip, devices = topology_devices(topology)
+  try:
+    mesh = sharding.make_mesh(config.mesh, devices)
+  except ValueError as e:
+    raise UserError(f"{e} (--topology={topology} has {len(devices)} chips)") from None
+  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.train.batch_size % data_ways:
+    raise UserError(
+        f"config.train.batch_size={config.train.batch_size} does not split over "
+        f"data x fsdp = {data_ways} chips; change the batch size or config.mesh"
+    )
+  model_cfg = model_config(config)
+  config = copy.deepcopy(config)
+  config.model.path = ""  # the architecture is known: never read weights
+  ctx = Context(config, workdir="", tokenizer=None, train=None, test=None, mesh=mesh)
+  ctx.model_cfg = model_cfg  # pylint: disable=attribute-defined-outside-init
+  init, _ = train.init_fn(ctx)
+  state, shardings = abstract_state(init, mesh, ctx.rules, (ctx.sft_abstract_state().params,))
+  batch = abstract_batch(config, sharding.batch_sharding(mesh))
+  t0 = time.time()
+  step = jit_step(train.policy_value_step(ctx), shardings, mesh)
+  try:
+    compiled = step.lower(state, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    first = next(l for l in str(e).splitlines() if l.strip())
+    raise UserError(
+        f"the step does not fit on {topology} (mesh {dict(mesh.shape)}): {first.strip()}; try "
+        "--config.model.remat=full, more fsdp/tensor ways, a smaller batch or a larger slice"
+    ) from None
+  seconds = time.time() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  # Every buffer counted as if all were live at once; the compiler's peak counts those live at
+  # the same time (temporaries come and go within the step).
+  resident = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+      + mem.temp_size_in_bytes
+      + mem.generated_code_size_in_bytes
+  )
+  tokens = int(config.train.batch_size) * (
+      config.data.max_prompt_len + config.data.max_response_len
+  )
+  flops = float(cost["flops"])
+  step_s = flops / (chip.peak_tflops * 1e12)
+  return dict(
+      topology=topology,
+      kind=kind,
+      chips=len(devices),
+      device_kind=devices[0].device_kind,
+      mesh=dict(mesh.shape),
+      model=config.model.get("name") or f"{model_cfg.n_layers}-layer d{model_cfg.d_model}",
+      params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.policy.params)),
+      method=config.method,
+      remat=config.model.get("remat", "none"),
+      dtype=model_cfg.dtype,
+      state_dtypes=sorted(
+          {str(x.dtype) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating)}
+      ),
+      batch=int(config.train.batch_size),
+      seq_len=config.data.max_prompt_len + config.data.max_response_len,
+      compile_s=seconds,
+      policy_params=_shard_bytes(state.policy.params),
+      value_params=_shard_bytes(state.value.params),
+      optimizer_state=_shard_bytes((state.policy.opt_state, state.value.opt_state)),
+      batch_bytes=_shard_bytes(batch),
+      arguments=mem.argument_size_in_bytes,
+      outputs=mem.output_size_in_bytes,
+      aliased=mem.alias_size_in_bytes,
+      temporaries=mem.temp_size_in_bytes,
+      code=mem.generated_code_size_in_bytes,
+      resident=resident,
+      peak=mem.peak_memory_in_bytes,
+      hbm=chip.hbm_gib * 2**30,
+      flops_per_chip=flops,
+      peak_tflops=chip.peak_tflops,
+      step_s=step_s,
+      tokens_per_s=tokens / step_s,
+  )
+
+
+def format_report(r: dict) -> str:
+  gib = lambda b: f"{b / 2**30:8.2f} GiB"
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [
+      f"{r['model']} ({r['params'] / 1e9:.2f}B parameters) {r['method'].upper()} step on "
+      f"{r['topology']}: {r['chips']} x {r['device_kind']}, mesh {mesh}; batch {r['batch']} x "
+      f"{r['seq_len']} tokens, compute {r['dtype']}, parameters and optimizer state "
+      f"{'/'.join(r['state_dtypes'])}, remat {r['remat']}; compiled in {r['compile_s']:.0f}s",
+      "memory per chip (compiled.memory_analysis):",
+      f"  policy parameters    {gib(r['policy_params'])}",
+      f"  value parameters     {gib(r['value_params'])}",
+      f"  optimizer state      {gib(r['optimizer_state'])}   (policy + value AdamW moments)",
+      "  reference parameters     0.00 GiB   (not resident: the batch carries the reference "
+      "log-probs the sample stage computed)",
+      f"  batch                {gib(r['batch_bytes'])}",
+      f"  arguments            {gib(r['arguments'])}   (state + batch; the state is donated)",
+      f"  temporaries          {gib(r['temporaries'])}",
+      f"  outputs not aliased  {gib(r['outputs'] - r['aliased'])}",
+      f"  generated code       {gib(r['code'])}",
+      f"  sum of the above     {gib(r['resident'])}   (arguments + temporaries + outputs + code)",
+      f"  peak                 {gib(r['peak'])}   of {r['hbm'] / 2**30:.0f} GiB HBM "
+      f"({100 * r['peak'] / r['hbm']:.0f}%; the compiler's peak of live buffers)",
+      f"FLOPs per step (compiled.cost_analysis): {r['flops_per_chip']:.3e} per chip, "
+      f"{r['flops_per_chip'] * r['chips']:.3e} in all",
+      f"at the peak {r['peak_tflops']:.0f} TFLOP/s bf16 per chip: {r['step_s']:.3f} s/step, "
+      f"{r['tokens_per_s']:,.0f} tokens/s (a lower bound on time: real steps reach a fraction "
+      "of peak)",
+  ]
+  return "\n".join(lines)
+
+
+def run(config, topology: str) -> dict:
+  report = compile_step(config, topology)
+  print(format_report(report))
+  return report

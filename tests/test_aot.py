@@ -1,0 +1,81 @@
+"""--compile_only: the DQO step compiled for a TPU slice from abstract shapes, on this CPU.
+
+Needs libtpu (requirements-dev.txt): without it the compile test fails, it does not skip.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dqo_jax import aot
+from dqo_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _arith_tiny():
+  spec = importlib.util.spec_from_file_location("arith", os.path.join(ROOT, "configs", "arith.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("tiny")
+
+
+@pytest.mark.parametrize(
+    "name, grid",
+    [
+        ("v4-8", (2, 2, 1)),
+        ("v4-16", (2, 2, 2)),
+        ("v5p-64", (2, 4, 4)),
+        ("v5p-128", (4, 4, 4)),
+        ("v5litepod-16", (4, 4)),
+        ("v5e-32", (4, 8)),
+        ("v6e-1", (1, 1)),
+        ("v6e-8", (2, 4)),
+    ],
+)
+def test_slice_names_give_cloud_tpu_chip_grids(name, grid):
+  assert aot.parse_topology(name)[2] == grid
+
+
+@pytest.mark.parametrize("name", ["v9-8", "v5p-12", "v4-2", "v5e-3", "tpu"])
+def test_unknown_topology_is_one_line_listing_examples(name):
+  with pytest.raises(UserError, match="v5p-16.*v6e-8"):
+    aot.parse_topology(name)
+
+
+def test_compile_only_reports_memory_and_flops_of_the_dqo_step():
+  config = _arith_tiny()
+  config.mesh.update(data=2, fsdp=-1, tensor=1)
+  config.model.update(dtype="bfloat16", remat="full")
+  r = aot.compile_step(config, "v4-8")
+  assert r["chips"] == 4 and r["mesh"] == dict(data=2, fsdp=2, tensor=1)
+  assert r["device_kind"] == "TPU v4"
+  # bf16 compute, float32 master weights and optimizer state.
+  assert r["state_dtypes"] == ["float32"] and r["dtype"] == "bfloat16"
+  assert 0 < r["policy_params"] <= r["arguments"] <= r["peak"] <= r["resident"] < r["hbm"]
+  assert r["value_params"] > 0 and r["optimizer_state"] > 0
+  assert r["flops_per_chip"] > 0 and r["tokens_per_s"] > 0
+  assert "per chip" in aot.format_report(r)
+
+
+def test_command_line_reports_a_bad_topology_in_one_line():
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "dqo_jax.main",
+          "--config=configs/arith.py:tiny",
+          "--compile_only",
+          "--topology=v5p-17",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: --topology='v5p-17'"), proc.stderr
