@@ -189,7 +189,7 @@ def compile_step(config, topology: str) -> dict:
   state, shardings = abstract_state(init, mesh, ctx.rules, (ctx.sft_abstract_state().params,))
   batch = abstract_batch(config, sharding.batch_sharding(mesh))
   t0 = time.time()
-  step = jit_step(train.policy_value_step(ctx), shardings, mesh)
+  step = jit_step(train.policy_value_step(ctx), shardings, mesh, ctx.rules)
   try:
     compiled = step.lower(state, batch).compile()
   except jax.errors.JaxRuntimeError as e:
@@ -227,6 +227,9 @@ def compile_step(config, topology: str) -> dict:
       params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.policy.params)),
       method=config.method,
       remat=config.model.get("remat", "none"),
+      attention=model_cfg.attention,
+      # Pallas kernels compile to TPU custom calls: their count shows the kernel was used.
+      pallas_kernels=compiled.as_text().count("tpu_custom_call"),
       dtype=model_cfg.dtype,
       state_dtypes=sorted(
           {str(x.dtype) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating)}

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from dqo_jax import sharding
 
 IMPLS = ("xla", "cudnn", "einsum", "pallas_tpu")
+PALLAS_BLOCK = 128  # the Pallas kernel tiles keys in blocks of 128 tokens
 
 
 def check_impl(impl: str, *, softcap: float, sliding: bool) -> None:
@@ -55,11 +59,6 @@ def _einsum(q, k, v, mask, *, scale, softcap):
 
 
 def _pallas_tpu(q, k, v, mask, *, scale):
-  if jax.default_backend() != "tpu":
-    raise ValueError(
-        f"model.attention='pallas_tpu' runs only on TPU (backend here: {jax.default_backend()}); "
-        "use xla"
-    )
   from jax.experimental.pallas.ops.tpu import flash_attention  # pylint: disable=g-import-not-at-top
 
   # Without a cache the keys are this call's tokens: the last query row of the causal mask marks
@@ -68,12 +67,33 @@ def _pallas_tpu(q, k, v, mask, *, scale):
   segments = mask[:, -1, :].astype(jnp.int32)
   groups = q.shape[2] // k.shape[1]
   k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
-  out = flash_attention.flash_attention(
-      q.transpose(0, 2, 1, 3),
-      k,
-      v,
-      segment_ids=flash_attention.SegmentIds(q=segments, kv=segments),
-      causal=True,
-      sm_scale=scale,
-  )
-  return out.transpose(0, 2, 1, 3)
+  q = q.transpose(0, 2, 1, 3)  # [B, N, L, Dh]
+  # Pad the tokens to whole blocks as segment 0: padding queries are dropped below, and real
+  # tokens (segment 1) never attend to padding.
+  length = q.shape[2]
+  pad = -length % PALLAS_BLOCK
+  q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q, k, v))
+  segments = jnp.pad(segments, ((0, 0), (0, pad)))
+
+  def kernel(q, k, v, segments):
+    return flash_attention.flash_attention(
+        q,
+        k,
+        v,
+        segment_ids=flash_attention.SegmentIds(q=segments, kv=segments),
+        causal=True,
+        sm_scale=scale,
+    )
+
+  # XLA cannot partition a Mosaic kernel: on a mesh each device runs it on its own rows and heads.
+  placed = sharding.logical_spec(("batch", "heads", "length", "head_dim"), q.shape)
+  if placed is not None:
+    mesh, spec = placed
+    kernel = jax.shard_map(
+        kernel,
+        mesh=mesh,
+        in_specs=(spec, spec, spec, P(spec[0], None)),
+        out_specs=spec,
+        check_vma=False,
+    )
+  return kernel(q, k, v, segments)[:, :, :length].transpose(0, 2, 1, 3)

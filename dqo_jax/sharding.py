@@ -101,14 +101,23 @@ def activation_constraints(mesh: Mesh, rules):
     _PLACEMENT.reset(token)
 
 
+def logical_spec(names: tuple[str | None, ...], shape) -> tuple[Mesh, P] | None:
+  """The mesh and partition spec of an activation with logical axis `names` while a train step
+  is traced (`activation_constraints`); None elsewhere."""
+  placement = _PLACEMENT.get()
+  if placement is None:
+    return None
+  mesh, rules = placement
+  return mesh, divisible_spec(nn.logical_to_mesh_axes(names, rules), shape, mesh)
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """`x` pinned to the mesh by the logical axis `names` of its dimensions (a dimension that its
   mesh axes do not divide is left whole); `x` unchanged outside `activation_constraints`."""
-  placement = _PLACEMENT.get()
-  if placement is None:
+  placed = logical_spec(names, x.shape)
+  if placed is None:
     return x
-  mesh, rules = placement
-  spec = divisible_spec(nn.logical_to_mesh_axes(names, rules), x.shape, mesh)
+  mesh, spec = placed
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -61,6 +61,15 @@ def test_compile_only_reports_memory_and_flops_of_the_dqo_step():
   assert "per chip" in aot.format_report(r)
 
 
+def test_pallas_flash_attention_compiles_into_the_step_for_tpu():
+  config = _arith_tiny()  # 127 tokens fed: padded to the kernel's 128-token blocks
+  config.model.update(attention="pallas_tpu")
+  r = aot.compile_step(config, "v5e-8")
+  assert r["attention"] == "pallas_tpu" and r["pallas_kernels"] > 0
+  config.model.update(attention="xla")
+  assert aot.compile_step(config, "v5e-8")["pallas_kernels"] == 0
+
+
 def test_command_line_reports_a_bad_topology_in_one_line():
   proc = subprocess.run(
       [
