@@ -88,6 +88,9 @@ def topology_devices(name: str):
   # libtpu, which otherwise looks for the TPU VM it runs on, warns less when told the slice.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   chips = math.prod(grid)
+  # These TPU_* values (and what libtpu's start-up writes beside them) hold only for the compile:
+  # a child of this process must not inherit them and take itself for a host of a pod.
+  env = dict(os.environ)
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.cloud_name}-{chips * chip.cores_per_chip}")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   options = dict(chips_per_host_bounds=(1, 1, 1) if chips == 1 else (2, 2, 1))
@@ -104,6 +107,9 @@ def topology_devices(name: str):
           "(or requirements-dev.txt)"
       ) from None
     raise
+  finally:
+    os.environ.clear()
+    os.environ.update(env)
   return kind, chip, topo.devices
 
 

@@ -9,16 +9,13 @@ them, and process 0 alone writes summaries, JSON and sample files (`is_writer`).
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from dqo_jax.errors import UserError
-
-# Set on every TPU VM host of a pod slice (single- and multi-slice): jax.distributed finds the
-# coordinator and this host's index itself.
-TPU_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def initialize(
@@ -43,10 +40,20 @@ def initialize(
       )
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
-  if mode == "auto" and any(os.environ.get(k) for k in TPU_ENV):
+  if mode == "auto" and on_tpu_pod(os.environ):
     jax.distributed.initialize()
     return True
   return False
+
+
+def on_tpu_pod(env) -> bool:
+  """Whether `env` describes a multi-host TPU job, where jax.distributed finds the coordinator
+  and this host's index itself: several worker hostnames, or a multislice coordinator. A single host, or libtpu's placeholder text where no TPU is found (it writes
+  "WARNING: could not determine ..." into TPU_WORKER_HOSTNAMES), is not one."""
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return True
+  hosts = env.get("TPU_WORKER_HOSTNAMES", "").split(",")
+  return len(hosts) > 1 and all(re.fullmatch(r"[A-Za-z0-9.\-]+", h.strip()) for h in hosts)
 
 
 def is_writer() -> bool:

@@ -143,6 +143,8 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def run_pipeline(config, workdir: str) -> dict:
+  import jax
+
   from dqo_jax import distributed
   from dqo_jax.metrics import write_json_atomic
   from dqo_jax.stages import evaluate, rollouts, sample, sft, train
@@ -157,6 +159,11 @@ def run_pipeline(config, workdir: str) -> dict:
   }
 
   stages = check_config(config)
+  if config.model.get("attention") == "pallas_tpu" and jax.default_backend() != "tpu":
+    raise UserError(
+        f"config.model.attention='pallas_tpu' runs only on TPU (here: {jax.default_backend()}); "
+        "use xla (--compile_only compiles it for a TPU slice from any machine)"
+    )
   workdir = check_workdir(workdir)
   config_file = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())

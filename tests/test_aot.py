@@ -47,6 +47,8 @@ def test_unknown_topology_is_one_line_listing_examples(name):
 
 
 def test_compile_only_reports_memory_and_flops_of_the_dqo_step():
+  tpu_env = lambda: {k: v for k, v in os.environ.items() if k.startswith("TPU_")}
+  env = tpu_env()
   config = _arith_tiny()
   config.mesh.update(data=2, fsdp=-1, tensor=1)
   config.model.update(dtype="bfloat16", remat="full")
@@ -59,6 +61,9 @@ def test_compile_only_reports_memory_and_flops_of_the_dqo_step():
   assert r["value_params"] > 0 and r["optimizer_state"] > 0
   assert r["flops_per_chip"] > 0 and r["tokens_per_s"] > 0
   assert "per chip" in aot.format_report(r)
+  # libtpu's TPU_* placeholders must not leak to child processes (which would then start
+  # jax.distributed as hosts of a pod).
+  assert tpu_env() == env
 
 
 def test_pallas_flash_attention_compiles_into_the_step_for_tpu():

@@ -127,6 +127,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
         # The last --workdir wins: a URL is refused, not turned into a local ./gs:/ directory.
         ("--workdir=gs://b/runs/a", "workdirs must be local or mounted paths"),
         ("--config.model.remat=some", "choose from none, full, dots"),
+        ("--config.model.attention=pallas_tpu", "runs only on TPU (here: cpu)"),
     ],
 )
 def test_bad_config_gets_one_line_error(tmp_path, override, expected):

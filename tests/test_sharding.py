@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dqo_jax import sharding
+from dqo_jax import distributed, sharding
 from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, Transformer
 
@@ -123,3 +123,13 @@ def test_constrain_places_activations_only_inside_the_context():
 def test_a_mesh_that_does_not_fit_the_devices_is_a_one_line_user_error():
   with pytest.raises(UserError, match="needs 4 devices, found 8; set one axis to -1"):
     sharding.make_mesh(dict(data=2, fsdp=2, tensor=1), devices=jax.devices()[:8])
+
+
+def test_only_a_multi_host_tpu_environment_starts_jax_distributed():
+  assert distributed.on_tpu_pod({"TPU_WORKER_HOSTNAMES": "t1v-n-0,t1v-n-1"})
+  assert distributed.on_tpu_pod({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"})
+  assert not distributed.on_tpu_pod({"TPU_WORKER_HOSTNAMES": "localhost"})
+  # What libtpu writes there on a machine without a TPU.
+  warning = "WARNING: could not determine TPU worker hostnames or IP addresses, please set env var"
+  assert not distributed.on_tpu_pod({"TPU_WORKER_HOSTNAMES": warning})
+  assert not distributed.on_tpu_pod({})
