@@ -25,8 +25,9 @@ import numpy as np
 from absl import app, flags
 
 from dqo_jax.errors import UserError
-from dqo_jax.main import check_workdir, command_line, parse_flags
+from dqo_jax.main import command_line, parse_flags
 from dqo_jax.metrics import read_scalars, write_json_atomic
+from dqo_jax import workdir as workdir_lib
 from dqo_jax.stages.context import run_name
 
 _METHODS = flags.DEFINE_list("methods", "sft,rft,dpo,kto,dro,dqo,dqo_ps", "Methods to compare.")
@@ -254,7 +255,12 @@ def main(argv):
   if _ABLATIONS.value:
     runs.update({k: (v, _ABLATION_SEEDS.value) for k, v in ABLATIONS.items()})
   try:
-    workdir = check_workdir(workdir)
+    if workdir_lib.is_url(workdir):
+      raise UserError(
+          f"--workdir={workdir}: the comparison runs its jobs in local directories; pass a "
+          "local path (or a bucket mounted with gcsfuse)"
+      )
+    workdir = workdir_lib.check_local(workdir)
     results = run_all(config, workdir, runs, _PARALLEL.value)
   except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

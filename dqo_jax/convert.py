@@ -384,10 +384,13 @@ def pretrained_config(path: str | os.PathLike, compute_dtype: str = "float32") -
 
 
 def _restore_trained_params(checkpoints: str, cfg: ModelConfig):
-  """The `params` of the newest training checkpoint (a stage's `checkpoints/` directory)."""
+  """The `params` of the newest training checkpoint (a stage's `checkpoints/` directory, local
+  or in a gs:// workdir)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  mgr = ocp.CheckpointManager(os.path.abspath(checkpoints))
+  from dqo_jax.checkpoint import as_path  # pylint: disable=g-import-not-at-top
+
+  mgr = ocp.CheckpointManager(as_path(checkpoints))
   step = mgr.latest_step()
   if step is None:
     raise FileNotFoundError(f"{checkpoints}: no checkpoint")

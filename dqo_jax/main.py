@@ -6,10 +6,14 @@ method in `config.method`) and ends by writing DONE.json there; a stage with tha
 skipped, and a training stage that was interrupted resumes from its last checkpoint. Config
 values are overridden on the command line, e.g. `--config.method=dpo --config.dqo.beta=0.05`.
 
+DIR may be a gs://BUCKET/PATH URL: checkpoints are written there by Orbax, the other files
+through a local cache that is copied up after every stage and checkpoint (dqo_jax/workdir.py;
+`--cache_dir`).
+
 Multi-host: run the same command on every host, adding `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` (I = 0..N-1); on a TPU pod slice the TPU environment supplies
-them (`--distributed=auto`, the default). DIR must be shared by the hosts: a local path on each,
-e.g. a bucket mounted with gcsfuse (URLs such as gs://... are refused).
+them (`--distributed=auto`, the default). DIR must be the same for every host: a gs:// URL, or
+a directory they share (e.g. a bucket mounted with gcsfuse).
 
 `--compile_only --topology=v5p-16` instead compiles the train step for that TPU slice and prints
 its per-chip memory and FLOPs (dqo_jax/aot.py, docs/scaling.md).
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 
@@ -29,7 +32,12 @@ from ml_collections import config_flags
 from dqo_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory or gs://BUCKET/PATH URL for every output of the run."
+)
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", "", "With a gs:// workdir: the local copy's root (default ~/.cache/dqo_jax)."
+)
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "off"], "auto: multi-process from the flags below or a TPU pod"
 )
@@ -45,29 +53,6 @@ _COMPILE_ONLY = flags.DEFINE_bool(
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "With --compile_only: the TPU slice, e.g. v5p-16, v4-8, v5e-16, v6e-8."
 )
-
-
-def check_workdir(workdir: str) -> str:
-  # Every stage writes with plain file I/O: abspath would turn gs://b/x into ./gs:/b/x.
-  if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir):
-    raise UserError(
-        f"--workdir={workdir} is a URL; workdirs must be local or mounted paths: mount the "
-        "bucket with gcsfuse (launch/setup.sh --mount-bucket BUCKET mounts it at /gcs/BUCKET on "
-        "every worker) and pass --workdir=/gcs/BUCKET/..."
-    )
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    # One probe per process: on a shared workdir the hosts must not remove each other's.
-    probe = os.path.join(workdir, f".write_probe.{os.uname().nodename}.{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(
-        f"--workdir={workdir} is not writable ({e.strerror}); pass a directory you " "can write to"
-    )
-  return workdir
 
 
 def check_config(config) -> list[str]:
@@ -142,13 +127,11 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def run_pipeline(config, workdir: str) -> dict:
+def run_pipeline(config, workdir: str, cache_dir: str = "") -> dict:
   import jax
 
-  from dqo_jax import distributed
-  from dqo_jax.metrics import write_json_atomic
   from dqo_jax.stages import evaluate, rollouts, sample, sft, train
-  from dqo_jax.stages.context import build_context, stage_output
+  from dqo_jax.workdir import open_workdir
 
   runners = {
       "sft": sft.run,
@@ -164,7 +147,22 @@ def run_pipeline(config, workdir: str) -> dict:
         f"config.model.attention='pallas_tpu' runs only on TPU (here: {jax.default_backend()}); "
         "use xla (--compile_only compiles it for a TPU slice from any machine)"
     )
-  workdir = check_workdir(workdir)
+  wd = open_workdir(workdir, cache_dir)
+  try:
+    return _run_stages(config, stages, wd, runners)
+  finally:
+    wd.push()  # whatever a failed or interrupted run wrote is kept too
+
+
+def _run_stages(config, stages, wd, runners) -> dict:
+  from dqo_jax import distributed
+  from dqo_jax.metrics import write_json_atomic
+  from dqo_jax.stages import evaluate
+  from dqo_jax.stages.context import build_context, stage_output
+
+  if wd.pull():
+    print(f"[setup] copied the files of {wd.url} to {wd.path}")
+  workdir = wd.path
   config_file = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(config_file):
@@ -181,13 +179,16 @@ def run_pipeline(config, workdir: str) -> dict:
   # Process 0 prepares the data (and trains the tokenizer) before the others read them.
   if not distributed.is_writer():
     distributed.barrier("data")
-  ctx = build_context(config, workdir)
+    wd.pull()
+  ctx = build_context(config, wd)
   if distributed.is_writer():
+    wd.push()
     distributed.barrier("data")
+  where = f"{wd.url} (local copy {workdir})" if wd.url else workdir
   print(
       f"[setup] {len(ctx.train)} train / {len(ctx.test)} test problems, "
       f"vocabulary {ctx.tokenizer.vocab_size}, devices {ctx.mesh.devices.size} "
-      f"(mesh {dict(ctx.mesh.shape)}), workdir {workdir}"
+      f"(mesh {dict(ctx.mesh.shape)}), workdir {where}"
   )
   timings = {}
   needs_rollouts = config.method == "dqo" and config.dqo.process.enabled
@@ -204,7 +205,10 @@ def run_pipeline(config, workdir: str) -> dict:
     summary = runners[stage](ctx)
     timings[stage] = round(time.time() - t0, 1)
     write_json_atomic(done_file, dict(summary=summary, seconds=timings[stage]))
+    wd.push()
     distributed.barrier(f"{label} done")  # the next stage reads what process 0 wrote
+    if not distributed.is_writer():
+      wd.pull()
     print(f"[{label}] done in {timings[stage]:.0f}s: {describe(summary)}")
   results_file = os.path.join(workdir, "results.json")
   if os.path.exists(results_file):
@@ -255,7 +259,7 @@ def main(argv):
     distributed.initialize(
         _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
-    run_pipeline(config, workdir)
+    run_pipeline(config, workdir, _CACHE_DIR.value)
   except Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(130)

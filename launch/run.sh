@@ -9,9 +9,10 @@
 #   --name NAME               the TPU, set up with launch/setup.sh
 #   --zone ZONE               its zone
 #   --config FILE             e.g. configs/gsm8k.py:qwen2_7b (relative to the repository)
-#   --workdir DIR             where the run writes, an absolute path that every worker shares:
-#                             on a pod a bucket mounted by `setup.sh --mount-bucket BUCKET`,
-#                             /gcs/BUCKET/PATH (gs:// URLs are refused: dqo_jax writes files)
+#   --workdir DIR             where the run writes, the same for every worker: gs://BUCKET/PATH
+#                             (checkpoints written there, other files copied up from a local
+#                             cache), or an absolute path they share, e.g. a bucket mounted by
+#                             `setup.sh --mount-bucket BUCKET` at /gcs/BUCKET/PATH
 #   --run RUN                 the log's name (default: the workdir's last path component)
 #   --log-bucket URL          also copy each worker's log to URL/RUN/HOSTNAME.log every minute
 #   --env KEY=VALUE           set in the job's environment (repeatable)
@@ -57,20 +58,18 @@ require_tpu
 require CONFIG --config
 require WORKDIR --workdir
 check_worker "$WORKER"
-if [[ "$WORKDIR" =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
-  die_usage "--workdir must be a local or mounted path, not the URL $WORKDIR: mount the bucket \
-with gcsfuse (launch/setup.sh --mount-bucket BUCKET mounts it at /gcs/BUCKET on every worker) \
-and pass --workdir /gcs/BUCKET/..."
+if [[ "$WORKDIR" =~ ^[A-Za-z][A-Za-z0-9+.-]*:// && "$WORKDIR" != gs://* ]]; then
+  die_usage "--workdir must be gs://BUCKET/PATH or a path every worker shares, not $WORKDIR"
 fi
 # A relative workdir would land in ~/dqo_jax, which the next setup.sh deletes.
-if [[ "$WORKDIR" != /* ]]; then
+if [[ "$WORKDIR" != /* && "$WORKDIR" != gs://* ]]; then
   die_usage "--workdir must be an absolute path, not $WORKDIR"
 fi
 if [[ -n "$LOG_BUCKET" && "$LOG_BUCKET" != gs://* ]]; then
   die_usage "--log-bucket must be a gs:// path, not $LOG_BUCKET"
 fi
 if [[ -z "$RUN" ]]; then
-  RUN=$(basename "$WORKDIR")
+  RUN=$(basename "${WORKDIR%/}")
 fi
 
 worker=(bash launch/worker.sh --log "../$REMOTE_LOGS/$RUN.log")

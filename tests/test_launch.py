@@ -275,7 +275,7 @@ RUN_ARGS = [
     *TPU,
     "--config",
     "configs/gsm8k.py:qwen2_7b",
-    "--workdir=/gcs/b/runs/g1",
+    "--workdir=gs://b/runs/g1/",
     "--log-bucket",
     "gs://b/logs/",
     "--env",
@@ -293,7 +293,7 @@ def test_run_starts_the_job_detached_on_every_worker(env):
           "--worker=all",
           "--command=cd dqo_jax && { setsid nohup bash launch/worker.sh --log ../dqo_logs/g1.log "
           "--log-bucket gs://b/logs/g1 -- env PYTHONUNBUFFERED=1 'A=x y' ../dqo_venv/bin/python "
-          "-m dqo_jax.main --config=configs/gsm8k.py:qwen2_7b --workdir=/gcs/b/runs/g1 "
+          "-m dqo_jax.main --config=configs/gsm8k.py:qwen2_7b --workdir=gs://b/runs/g1/ "
           "--config.dqo.beta=0.05 '--config.model.path=gs://b/it'\"'\"'s here' "
           ">/dev/null 2>&1 </dev/null & }",
       ]
@@ -349,7 +349,7 @@ def test_the_remote_command_runs_the_job_and_logs(env, tmp_path):
       "-m",
       "dqo_jax.main",
       "--config=configs/gsm8k.py:qwen2_7b",
-      "--workdir=/gcs/b/runs/g1",
+      "--workdir=gs://b/runs/g1/",
       "--config.dqo.beta=0.05",
       "--config.model.path=gs://b/it's here",
   ]
@@ -440,8 +440,7 @@ def test_missing_flag_is_one_line_naming_it(env, script, args, flag):
         ("run.sh", [*TPU, "--config", "c", "--workdir", "/w", "--worker", "x"], "--worker must"),
         ("run.sh", [*TPU, "--config", "c", "--workdir", "/w", "--env", "oops"], "KEY=VALUE"),
         ("run.sh", [*TPU, "--config", "c", "--workdir", "runs/a"], "must be an absolute path"),
-        ("run.sh", [*TPU, "--config", "c", "--workdir", "gs://b/r"], "--mount-bucket BUCKET"),
-        ("run.sh", [*TPU, "--config", "c", "--workdir", "s3://b/r"], "local or mounted path"),
+        ("run.sh", [*TPU, "--config", "c", "--workdir", "s3://b/r"], "gs://BUCKET/PATH or a path"),
         ("run.sh", [*TPU, "--config", "c", "--workdir", "/w", "--log-bucket", "b"], "gs://"),
         ("setup.sh", [*TPU, "--ref", "v1"], "--ref needs --repo"),
         ("setup.sh", [*TPU, "--mount-point", "/m"], "--mount-point needs --mount-bucket"),

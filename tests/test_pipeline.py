@@ -124,8 +124,6 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
         ("--config.method=ppo", "choose from sft, rft, dpo, kto, dro, dqo"),
         ("--config.train.grad_accum_steps=3", "grad_accum_steps=3 must be at least 1 and divide"),
         ("--num_processes=2", "needs all of --coordinator_address=HOST:PORT"),
-        # The last --workdir wins: a URL is refused, not turned into a local ./gs:/ directory.
-        ("--workdir=gs://b/runs/a", "workdirs must be local or mounted paths"),
         ("--config.model.remat=some", "choose from none, full, dots"),
         ("--config.model.attention=pallas_tpu", "runs only on TPU (here: cpu)"),
     ],

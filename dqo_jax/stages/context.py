@@ -18,6 +18,7 @@ from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
 from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train.loop import abstract_state
 from dqo_jax.train.state import TrainState, make_optimizer
+from dqo_jax.workdir import Workdir
 
 STAGES = ("sft", "sample", "rollouts", "train", "eval")
 
@@ -49,6 +50,8 @@ class Context:
   train: Encoded
   test: Encoded
   mesh: object
+  # The run's workdir when it has a URL: checkpoints live there, files are copied to it.
+  remote: Workdir | None = None
 
   @property
   def rules(self):
@@ -68,6 +71,14 @@ class Context:
   @functools.cached_property
   def value_model(self) -> Transformer:
     return Transformer(self.model_cfg, head="value", remat=self.config.model.get("remat", "none"))
+
+  def checkpoint_dir(self, stage: str) -> str:
+    return (self.remote or Workdir(self.workdir)).checkpoints(stage)
+
+  def copy_up(self) -> None:
+    """Copies the files written so far to the workdir's URL, if it has one (process 0)."""
+    if self.remote is not None:
+      self.remote.push()
 
   def stage_dir(self, stage: str) -> str:
     path = os.path.join(self.workdir, stage)
@@ -97,8 +108,7 @@ class Context:
 
   def sft_params(self):
     """The SFT policy: the reference policy and DQO's starting point."""
-    checkpoints = os.path.join(self.workdir, "sft", "checkpoints")
-    return restore_params(checkpoints, self.sft_abstract_state()).params
+    return restore_params(self.checkpoint_dir("sft"), self.sft_abstract_state()).params
 
   def value_params_from(self, policy_params, rng):
     """The value model: the policy's trunk with a fresh (zero) scalar head, boxed."""
@@ -114,10 +124,10 @@ def rebox(boxed, values):
   )
 
 
-def build_context(config, workdir: str) -> Context:
+def build_context(config, workdir: Workdir) -> Context:
   d = config.data
   tasks.check_model_path(config)
-  task = tasks.load_task(config, workdir)
+  task = tasks.load_task(config, workdir.path)
   tok = tasks.load_tokenizer(config, task)
   render = prompts.make_renderer(config, tok, task.splits["train"])
   enc = {
@@ -131,4 +141,5 @@ def build_context(config, workdir: str) -> Context:
           f"data.max_prompt_len={d.max_prompt_len}/max_response_len={d.max_response_len}"
       )
   mesh = sharding.make_mesh(config.mesh)
-  return Context(config, workdir, tok, enc["train"], enc["test"], mesh)
+  remote = workdir if workdir.url else None
+  return Context(config, workdir.path, tok, enc["train"], enc["test"], mesh, remote)

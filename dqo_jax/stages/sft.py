@@ -32,5 +32,7 @@ def run(ctx: Context) -> dict:
       log_every=cfg.log_every,
       desc="sft",
       on_log=accuracy_monitor(ctx, lambda state: state.params),
+      checkpoint_dir=ctx.checkpoint_dir("sft"),
+      on_save=ctx.copy_up,
   )
   return summary

@@ -78,8 +78,7 @@ def trained_policy_params(ctx: Context):
   # Shapes suffice to describe the state: no need to read the SFT checkpoint again.
   sft_shapes = ctx.sft_abstract_state().params
   abstract, _ = abstract_state(fn, ctx.mesh, ctx.rules, (sft_shapes,))
-  checkpoints = os.path.join(ctx.workdir, run_name(ctx.config), "checkpoints")
-  return policy_of(restore_params(checkpoints, abstract))
+  return policy_of(restore_params(ctx.checkpoint_dir(run_name(ctx.config)), abstract))
 
 
 @dataclasses.dataclass
@@ -227,5 +226,7 @@ def run(ctx: Context) -> dict:
       desc=name,
       init_args=(sft_params,),
       on_log=accuracy_monitor(ctx, policy_of),
+      checkpoint_dir=ctx.checkpoint_dir(name),
+      on_save=ctx.copy_up,
   )
   return dict(summary, method=cfg.method, examples=view.size, **view.describe)

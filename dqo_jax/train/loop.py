@@ -105,17 +105,23 @@ def fit(
     desc: str,
     init_args=(),
     on_log: Callable[[int, dict], dict] | None = None,
+    checkpoint_dir: str | None = None,
+    on_save: Callable[[], object] | None = None,
 ):
-  """Trains and returns (state, summary). Resumes from `<stage_dir>/checkpoints` if present.
+  """Trains and returns (state, summary). Resumes from the checkpoints in `checkpoint_dir`
+  (default `<stage_dir>/checkpoints`; a gs:// URL works too) if there are any.
 
-  A fresh state is `init_fn(rng, *init_args)`; `on_log(step, state)` may add metrics. The step's
-  metrics include `skipped_updates` (1.0 when its update was skipped as non-finite).
+  A fresh state is `init_fn(rng, *init_args)`; `on_log(step, state)` may add metrics, and
+  `on_save()` runs after each checkpoint save. The step's metrics include `skipped_updates`
+  (1.0 when its update was skipped as non-finite).
   With several processes each feeds only its devices' rows of `batch_at(step)` (the global
   batch), and only process 0 writes summaries.
   """
   abstract, shardings = abstract_state(init_fn, mesh, rules, init_args)
   ckpt = Checkpoints(
-      os.path.join(stage_dir, "checkpoints"), every=checkpoint_cfg.every, keep=checkpoint_cfg.keep
+      checkpoint_dir or os.path.join(stage_dir, "checkpoints"),
+      every=checkpoint_cfg.every,
+      keep=checkpoint_cfg.keep,
   )
   start, state = ckpt.restore_latest(abstract, warn=lambda line: tqdm.write(f"[{desc}] {line}"))
   if start:
@@ -158,7 +164,11 @@ def fit(
         preempted = ckpt.reached_preemption(done)
         diverged = streak >= max_nonfinite
         # One save call per step: a second one for the same step would be refused by Orbax.
-        ckpt.save(done, state, force=done == num_steps or bool(stop) or preempted or diverged)
+        saved = ckpt.save(
+            done, state, force=done == num_steps or bool(stop) or preempted or diverged
+        )
+        if saved and on_save is not None:
+          on_save()
         if diverged:
           raise UserError(
               f"[{desc}] steps {done - streak + 1}-{done} of {num_steps} all had a non-finite "
