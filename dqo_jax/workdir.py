@@ -92,6 +92,7 @@ class Workdir:
     if not self.url:
       return 0
     fs, root = _filesystem(self.url)
+    fs.invalidate_cache()  # listings cached earlier miss what process 0 has copied up since
     if not fs.exists(root):
       return 0
     copied = 0

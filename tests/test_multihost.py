@@ -1,6 +1,9 @@
 """Two processes on this machine (4 CPU devices each, gloo collectives) run the embedded config's
 pipeline as one 8-device process does: the same SFT and DQO losses at every step, the same
-samples, the same test accuracy; only process 0 writes summaries and files."""
+samples, the same test accuracy. As on a TPU pod, their workdir is a gs:// URL (an in-memory GCS
+server, tests/fake_gcs.py) and each has its own local copy: only process 0 writes files and
+summaries, both write their shards of every checkpoint to the bucket, and process 1 reads the
+data and samples process 0 copied up."""
 
 import json
 import os
@@ -10,6 +13,7 @@ import sys
 
 import numpy as np
 
+import fake_gcs
 from dqo_jax.data.offline import read_records
 from dqo_jax.metrics import read_scalars
 
@@ -33,12 +37,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict:
+def _env(devices: int, **extra) -> dict:
   return dict(
       os.environ,
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
       JAX_PLATFORMS="cpu",
       JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+      **extra,
   )
 
 
@@ -61,15 +66,19 @@ def _one_process(workdir):
   assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def _two_processes(workdir):
+def _two_processes(url, cache, gcs_env):
   address = f"localhost:{_free_port()}"
   procs = [
       subprocess.Popen(
           _cmd(
-              workdir, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"
+              url,
+              f"--cache_dir={cache}",
+              f"--coordinator_address={address}",
+              "--num_processes=2",
+              f"--process_id={i}",
           ),
           cwd=ROOT,
-          env=_env(4),
+          env=_env(4, **gcs_env),
           stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT,
           text=True,
@@ -87,12 +96,23 @@ def _two_processes(workdir):
 
 
 def test_two_processes_run_the_pipeline_as_one_8_device_process(tmp_path):
-  one, two = tmp_path / "one", tmp_path / "two"
-  _one_process(one)
-  outputs = _two_processes(two)
+  server, url = fake_gcs.serve(["runs"])
+  store = server.RequestHandlerClass.store
+  try:
+    one = tmp_path / "one"
+    _one_process(one)
+    outputs = _two_processes("gs://runs/two", tmp_path / "cache", fake_gcs.environment(url))
+  finally:
+    server.shutdown()
   assert "devices 8 (mesh {'data': 8" in outputs[0]
+  with store.lock:
+    remote = {n for _, n in store.objects}
+  caches = [tmp_path / "cache" / "gs" / "runs" / "two" / f"process_{i}" for i in (0, 1)]
+  two = caches[0]
+  # Process 1 read what process 0 copied up.
+  assert (caches[1] / "sample" / "samples.array_record").exists()
   for stage, steps in (("sft", 20), ("dqo", DQO_STEPS)):
-    assert len(os.listdir(two / stage / "tb")) == 1  # one writer: process 0
+    assert len([n for n in remote if n.startswith(f"two/{stage}/tb/")]) == 1  # process 0's
     scalars_1, scalars_2 = read_scalars(one / stage / "tb"), read_scalars(two / stage / "tb")
     assert scalars_1.keys() == scalars_2.keys()
     loss = "loss" if stage == "sft" else "value_loss"
@@ -108,8 +128,9 @@ def test_two_processes_run_the_pipeline_as_one_8_device_process(tmp_path):
           atol=1e-3 * np.abs(expected).max() + 1e-7,
           err_msg=f"{stage}/{tag}",
       )
-    # Orbax wrote the last step's checkpoint from both processes.
-    assert str(steps) in os.listdir(two / stage / "checkpoints")
+    # Orbax wrote the last step's checkpoint to the bucket, from both processes.
+    for i in (0, 1):
+      assert f"two/{stage}/checkpoints/{steps}/default/array_metadatas/process_{i}" in remote
   # Sampling shards the prompts over both processes and gathers them back in order.
   samples_1 = read_records(str(one / "sample" / "samples.array_record"))
   samples_2 = read_records(str(two / "sample" / "samples.array_record"))
