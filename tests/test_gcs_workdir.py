@@ -7,14 +7,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 import fake_gcs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import tiny_run
+from tiny_run import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +25,18 @@ def gcs():
 
 
 def _cmd(workdir, cache, *overrides):
-  return [
-      sys.executable,
-      "-m",
-      "dqo_jax.main",
-      "--config=configs/arith.py:tiny",
-      f"--workdir={workdir}",
-      f"--cache_dir={cache}",
-      *overrides,
-  ]
+  return tiny_run.command(workdir, f"--cache_dir={cache}", *overrides)
+
+
+def _run(env, cache, *overrides, workdir="gs://runs/a"):
+  return subprocess.run(
+      _cmd(workdir, cache, *overrides),
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 def _names(store, prefix):
@@ -71,14 +73,7 @@ def test_killed_run_resumes_on_a_fresh_machine_from_the_bucket(gcs, tmp_path):
   assert "sft/DONE.json" not in _names(store, "a/")
 
   # Another machine: an empty local copy, the bucket as it was left.
-  again = subprocess.run(
-      _cmd("gs://runs/a", tmp_path / "vm2", *overrides),
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
+  again = _run(env, tmp_path / "vm2", *overrides)
   assert again.returncode == 0, again.stderr[-3000:]
   log = again.stdout + again.stderr
   assert "[setup] copied the files of gs://runs/a" in log
@@ -99,14 +94,7 @@ def test_killed_run_resumes_on_a_fresh_machine_from_the_bucket(gcs, tmp_path):
   assert remote_results == json.loads((local / "results.json").read_text())
 
   # A third machine finds every stage finished.
-  third = subprocess.run(
-      _cmd("gs://runs/a", tmp_path / "vm3", *overrides),
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
+  third = _run(env, tmp_path / "vm3", *overrides)
   assert third.returncode == 0, third.stderr[-3000:]
   for stage in ("sft", "sample", "dqo", "eval/dqo"):
     assert f"[{stage}] already complete" in third.stdout
@@ -121,9 +109,7 @@ def test_killed_run_resumes_on_a_fresh_machine_from_the_bucket(gcs, tmp_path):
 )
 def test_unusable_url_gets_one_line_error(gcs, tmp_path, workdir, expected):
   _, env = gcs
-  proc = subprocess.run(
-      _cmd(workdir, tmp_path / "cache"), cwd=ROOT, env=env, capture_output=True, text=True
-  )
+  proc = _run(env, tmp_path / "cache", workdir=workdir)
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], lines

@@ -9,15 +9,15 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 
 import fake_gcs
+import tiny_run
 from dqo_jax.data.offline import read_records
 from dqo_jax.metrics import read_scalars
+from tiny_run import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DQO_STEPS = 4
 OVERRIDES = (
     f"--config.train.steps={DQO_STEPS}",
@@ -48,15 +48,7 @@ def _env(devices: int, **extra) -> dict:
 
 
 def _cmd(workdir, *extra):
-  return [
-      sys.executable,
-      "-m",
-      "dqo_jax.main",
-      "--config=configs/arith.py:tiny",
-      f"--workdir={workdir}",
-      *OVERRIDES,
-      *extra,
-  ]
+  return tiny_run.command(workdir, *OVERRIDES, *extra)
 
 
 def _one_process(workdir):

@@ -12,18 +12,8 @@ import pytest
 
 from dqo_jax.data.offline import FIELDS, read_records
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _cmd(workdir, *overrides):
-  return [
-      sys.executable,
-      "-m",
-      "dqo_jax.main",
-      "--config=configs/arith.py:tiny",
-      f"--workdir={workdir}",
-      *overrides,
-  ]
+from tiny_run import ROOT
+from tiny_run import command as _cmd
 
 
 def _run(workdir, *overrides, timeout=600):
