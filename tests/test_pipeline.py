@@ -127,6 +127,22 @@ def test_bad_config_gets_one_line_error(tmp_path, override, expected):
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
 
+def test_config_json_of_an_older_version_gets_one_line_error(finished, tmp_path):
+  workdir, _ = finished
+  old = json.loads((workdir / "config.json").read_text())
+  del old["sft"]["grad_accum_steps"], old["eval"]["samples_per_problem"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  cmd = _cmd(tmp_path / "rerun")
+  cmd[cmd.index("--config=configs/arith.py:tiny")] = (
+      f"--config=configs/from_json.py:{tmp_path / 'config.json'}"
+  )
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  (line,) = proc.stderr.strip().splitlines()
+  assert "lacks eval.samples_per_problem, sft.grad_accum_steps" in line
+  assert "start from configs/arith.py" in line
+
+
 def test_unwritable_workdir_gets_one_line_error(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
