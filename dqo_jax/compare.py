@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from absl import app, flags
 
+from dqo_jax import workdir as workdir_lib
 from dqo_jax.errors import UserError
 from dqo_jax.main import command_line, parse_flags
 from dqo_jax.metrics import read_scalars, write_json_atomic
-from dqo_jax import workdir as workdir_lib
 from dqo_jax.stages.context import run_name
 
 _METHODS = flags.DEFINE_list("methods", "sft,rft,dpo,kto,dro,dqo,dqo_ps", "Methods to compare.")
