@@ -3,9 +3,16 @@
 Saves are asynchronous: `save` returns once the state is copied to host memory and the files are
 written in the background (`close` waits for them). Orbax writes a step to a temporary directory
 and renames it when complete (on GCS, where there is no rename, it marks it with
-commit_success.txt), so a save cut short is never listed as a step. A step directory that lists
-but does not restore (a truncated or corrupted file) is set aside by `restore_latest`, which then
-falls back to the step before.
+commit_success.txt), so a save cut short is never listed as a step.
+
+Every step also holds a digest of the state it saved (item `digest` beside the state's item
+`default`): two 32-bit sums per array, computed on the devices from the arrays themselves when
+the step is saved, each device over its own shards (so each host over what it writes, then a
+32-bit all-reduce), and written by Orbax in the same commit. `restore` recomputes them from the
+restored arrays; a step whose arrays differ from its digest (damaged in place), or whose files do
+not decode, is `Damaged`. `restore_latest` sets such a step aside and falls back to the step
+before; an error of the storage itself (permission, too many open files, a bucket out of reach)
+stops the run with one line instead, and sets nothing aside.
 
 Only Orbax reads checkpoints: nothing a user receives from elsewhere is ever unpickled.
 """
@@ -15,6 +22,8 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -23,6 +32,23 @@ from dqo_jax.errors import UserError
 
 # What a step directory that failed to restore is renamed to: not a step name, so Orbax skips it.
 UNREADABLE_SUFFIX = ".unreadable"
+# The Orbax items of a step: the state, and its digest (absent from steps saved before digests).
+STATE, DIGEST = "default", "digest"
+# Words of the status codes TensorStore and gcsfs put in the message of an error of the storage
+# rather than of the bytes read (absl status names, HTTP reasons).
+_STORAGE_ERRORS = (
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "Forbidden",
+    "Too many open files",
+)
+
+
+class Damaged(Exception):
+  """A checkpoint whose bytes are wrong: its arrays differ from its digest."""
 
 
 def as_path(path) -> epath.Path:
@@ -34,14 +60,77 @@ def as_path(path) -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(path)))
 
 
+def _words(x):
+  """The bits of `x` as uint32 words, in the shape of `x` (a trailing 2 for 8-byte types)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  bits = jnp.dtype(x.dtype).itemsize * 8
+  if bits >= 32:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
+
+
+def _fmix(h):
+  """MurmurHash3's 32-bit finaliser: spreads every bit of an index over the word."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _array_digest(x):
+  """uint32[2]: sums over the elements of (word ^ a(i)) * b(i) mod 2^32, for two pairs of
+  index hashes a, b (b odd). Any one changed word changes both sums (an odd factor is
+  invertible mod 2^32); more changes cancel in both with a chance of about 2^-64. Elementwise
+  and a sum, without a reshape: a sharded array is hashed where its shards are."""
+  w = _words(x)
+  index = jnp.zeros(w.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(w.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride)
+    stride = (stride * w.shape[axis]) % 2**32
+  lanes = []
+  for seed in (0x9E3779B9, 0x7F4A7C15):
+    a = _fmix(index ^ jnp.uint32(seed))
+    b = _fmix(a + jnp.uint32(seed)) | jnp.uint32(1)
+    lanes.append(jnp.sum((w ^ a) * b, dtype=jnp.uint32))
+  return jnp.stack(lanes)
+
+
+@jax.jit
+def state_digest(state):
+  """uint32[leaves, 2]: `_array_digest` of every array of `state`, in `jax.tree.leaves` order."""
+  leaves = jax.tree.leaves(state)
+  if not leaves:
+    return jnp.zeros((0, 2), jnp.uint32)
+  return jnp.stack([_array_digest(jnp.asarray(x)) for x in leaves])
+
+
+def is_storage_error(e: BaseException) -> bool:
+  """True for an error of the storage (permission, too many open files, a bucket out of reach):
+  it says nothing about the checkpoint's bytes. A missing file is no such error: a step that
+  lists but lacks a file is damaged."""
+  if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    return False
+  if isinstance(e, OSError):
+    return True
+  if type(e).__name__ == "HttpError":  # gcsfs: 401, 429 and 5xx; 403 and 404 come as OSErrors
+    return True
+  return any(word in str(e) for word in _STORAGE_ERRORS)
+
+
 class Checkpoints:
   """A `CheckpointManager` over `directory` (a local path or a gs:// URL) holding one state
-  pytree per saved step."""
+  pytree and its digest per saved step."""
 
   def __init__(self, directory, *, every: int, keep: int = 2):
     self.directory = as_path(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
+        item_names=(STATE, DIGEST),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=every,
@@ -59,25 +148,41 @@ class Checkpoints:
     return self.directory / str(step)
 
   def restore(self, abstract_state, step: int | None = None):
-    """Restores into the shapes, dtypes and shardings of `abstract_state`."""
+    """Restores into the shapes, dtypes and shardings of `abstract_state`; raises `Damaged`
+    if the arrays restored differ from the digest saved with them."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}: run the stage that writes it")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+    items = {STATE: ocp.args.StandardRestore(target)}
+    has_digest = (self.step_dir(step) / DIGEST).exists()
+    if has_digest:
+      n = len(jax.tree.leaves(target))
+      items[DIGEST] = ocp.args.StandardRestore({DIGEST: np.zeros((n, 2), np.uint32)})
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    state = restored[STATE]
+    if has_digest:
+      _verify(state, np.asarray(restored[DIGEST][DIGEST]), self.step_dir(step))
+    return state
 
   def restore_latest(self, abstract_state, warn) -> tuple[int, object]:
     """(step, state) of the newest step that restores, or (0, None) when there is none.
 
-    Newer steps that fail to restore are renamed to `<step>.unreadable` (so the run can save
-    that step again), each with a `warn(line)` naming it. If no step restores, nothing is renamed
-    and UserError says why: a model or optimizer that changed shape fails every step alike.
+    Newer steps that are damaged (their arrays differ from their digest, or their files do not
+    decode) are renamed to `<step>.unreadable` (so the run can save that step again), each with
+    a `warn(line)` naming it. An error of the storage stops with UserError and renames nothing;
+    so does a failure of every step: a model or optimizer that changed shape fails them alike.
     """
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         state = self.restore(abstract_state, step)
       except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
+        if is_storage_error(e):
+          raise UserError(
+              f"cannot read the checkpoint {self.step_dir(step)} ({_summary(e)}); nothing was "
+              "set aside: check the disk, bucket or credentials, then rerun the same command"
+          ) from None
         failed.append((step, e))
         continue
       for bad, e in failed:
@@ -88,9 +193,8 @@ class Checkpoints:
     if failed:
       step, e = failed[0]
       raise UserError(
-          f"no checkpoint in {self.directory} restores (step {step}: {type(e).__name__}: "
-          f"{str(e).splitlines()[0] if str(e) else ''}); if the model or optimizer changed, "
-          "use a new --workdir"
+          f"no checkpoint in {self.directory} restores (step {step}: {_summary(e)}); if the "
+          "model or optimizer changed, use a new --workdir"
       )
     return 0, None
 
@@ -102,8 +206,9 @@ class Checkpoints:
       bad.rename(moved)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"set aside {bad}")
+    why = str(error) if isinstance(error, Damaged) else type(error).__name__
     warn(
-        f"warning: the checkpoint {bad} does not restore ({type(error).__name__}); "
+        f"warning: the checkpoint {bad} does not restore ({why}); "
         f"moved to {moved}, resuming from an earlier step"
     )
 
@@ -113,7 +218,15 @@ class Checkpoints:
     return self.manager.reached_preemption(step)
 
   def save(self, step: int, state, *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if not (force or self.manager.should_save(step)):
+      return False
+    # Dispatched before the state's buffers are donated to the next step, read by Orbax's
+    # copy to host with the state: the training thread never waits for it.
+    digest = {DIGEST: state_digest(state)}
+    args = ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state), DIGEST: ocp.args.StandardSave(digest)}
+    )
+    return self.manager.save(step, args=args, force=force)
 
   def close(self):
     """Waits for pending asynchronous saves; safe to call twice."""
@@ -123,10 +236,31 @@ class Checkpoints:
       self.manager = None
 
 
+def _summary(e: BaseException) -> str:
+  first = str(e).splitlines()[0] if str(e) else ""
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _verify(state, saved: np.ndarray, where):
+  restored = np.asarray(state_digest(state))
+  if restored.shape != saved.shape:
+    raise Damaged(f"{where}: its digest lists {len(saved)} arrays, the state has {len(restored)}")
+  differ = np.flatnonzero((restored != saved).any(axis=1))
+  if differ.size:
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    raise Damaged(
+        f"{differ.size} of {len(saved)} arrays differ from the digest saved with them, "
+        f"e.g. {paths[differ[0]]}"
+    )
+
+
 def restore_params(directory, abstract_params_state):
-  """Reads the newest checkpoint of a finished stage, e.g. the SFT policy for DQO."""
+  """Reads the newest checkpoint of a finished stage, e.g. the SFT policy for DQO; a damaged one
+  is a UserError naming it."""
   ckpt = Checkpoints(directory, every=1)
   try:
     return ckpt.restore(abstract_params_state)
+  except Damaged as e:
+    raise UserError(f"the checkpoint {ckpt.step_dir(ckpt.latest_step())} is damaged: {e}")
   finally:
     ckpt.close()
