@@ -100,13 +100,12 @@ def _array_digest(x):
   return jnp.stack(lanes)
 
 
-@jax.jit
+_leaf_digest = jax.jit(_array_digest)
+
+
 def state_digest(state):
-  """uint32[leaves, 2]: `_array_digest` of every array of `state`, in `jax.tree.leaves` order."""
-  leaves = jax.tree.leaves(state)
-  if not leaves:
-    return jnp.zeros((0, 2), jnp.uint32)
-  return jnp.stack([_array_digest(jnp.asarray(x)) for x in leaves])
+  """`state` with each array replaced by its digest, a uint32[2] on the array's devices."""
+  return jax.tree.map(lambda x: _leaf_digest(jnp.asarray(x)), state)
 
 
 def is_storage_error(e: BaseException) -> bool:
@@ -157,13 +156,13 @@ class Checkpoints:
     items = {STATE: ocp.args.StandardRestore(target)}
     has_digest = (self.step_dir(step) / DIGEST).exists()
     if has_digest:
-      n = len(jax.tree.leaves(target))
-      items[DIGEST] = ocp.args.StandardRestore({DIGEST: np.zeros((n, 2), np.uint32)})
+      items[DIGEST] = ocp.args.StandardRestore(
+          jax.tree.map(lambda _: np.zeros(2, np.uint32), target)
+      )
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    state = restored[STATE]
     if has_digest:
-      _verify(state, np.asarray(restored[DIGEST][DIGEST]), self.step_dir(step))
-    return state
+      _verify(restored[STATE], restored[DIGEST])
+    return restored[STATE]
 
   def restore_latest(self, abstract_state, warn) -> tuple[int, object]:
     """(step, state) of the newest step that restores, or (0, None) when there is none.
@@ -222,9 +221,8 @@ class Checkpoints:
       return False
     # Dispatched before the state's buffers are donated to the next step, read by Orbax's
     # copy to host with the state: the training thread never waits for it.
-    digest = {DIGEST: state_digest(state)}
     args = ocp.args.Composite(
-        **{STATE: ocp.args.StandardSave(state), DIGEST: ocp.args.StandardSave(digest)}
+        **{STATE: ocp.args.StandardSave(state), DIGEST: ocp.args.StandardSave(state_digest(state))}
     )
     return self.manager.save(step, args=args, force=force)
 
@@ -241,16 +239,15 @@ def _summary(e: BaseException) -> str:
   return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _verify(state, saved: np.ndarray, where):
-  restored = np.asarray(state_digest(state))
-  if restored.shape != saved.shape:
-    raise Damaged(f"{where}: its digest lists {len(saved)} arrays, the state has {len(restored)}")
-  differ = np.flatnonzero((restored != saved).any(axis=1))
-  if differ.size:
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+def _verify(state, saved):
+  """Raises `Damaged` naming the arrays of `state` that differ from their `saved` digests."""
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+  restored = jax.tree.leaves(state_digest(state))
+  differ = [p for p, a, b in zip(paths, restored, jax.tree.leaves(saved)) if np.any(a != b)]
+  if differ:
     raise Damaged(
-        f"{differ.size} of {len(saved)} arrays differ from the digest saved with them, "
-        f"e.g. {paths[differ[0]]}"
+        f"{len(differ)} of {len(paths)} arrays differ from the digest saved with them: "
+        f"{', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}"
     )
 
 

@@ -190,6 +190,16 @@ class Handler(BaseHTTPRequestHandler):
       return self._json({"kind": "storage#bucket", "name": name, "id": name})
     if parts[:4] == ["upload", "storage", "v1", "b"] and len(parts) == 6:
       return self._upload(parts[4], q, body)
+    if parts[:3] == ["storage", "v1", "b"] and "moveTo" in parts:  # within a bucket
+      i = parts.index("moveTo")
+      bucket, src, dst = parts[3], "/".join(parts[5:i]), "/".join(parts[i + 2 :])
+      with self.store.lock:
+        data, meta = self.store.objects.pop((bucket, src), (None, None))
+        if meta is None:
+          return self._error(404, f"no object {src}")
+        new = self.store.meta(bucket, dst, data, meta["contentType"])
+        self.store.objects[(bucket, dst)] = (data, new)
+      return self._json(new)
     if parts[:3] == ["storage", "v1", "b"] and ("rewriteTo" in parts or "copyTo" in parts):
       verb = "rewriteTo" if "rewriteTo" in parts else "copyTo"
       i = parts.index(verb)
