@@ -130,6 +130,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def run_pipeline(config, workdir: str, cache_dir: str = "") -> dict:
   import jax
 
+  from dqo_jax import workdir_lock
   from dqo_jax.stages import evaluate, rollouts, sample, sft, train
   from dqo_jax.workdir import open_workdir
 
@@ -148,10 +149,11 @@ def run_pipeline(config, workdir: str, cache_dir: str = "") -> dict:
         "use xla (--compile_only compiles it for a TPU slice from any machine)"
     )
   wd = open_workdir(workdir, cache_dir)
-  try:
-    return _run_stages(config, stages, wd, runners)
-  finally:
-    wd.push()  # whatever a failed or interrupted run wrote is kept too
+  with workdir_lock.held(wd):  # before anything is written there
+    try:
+      return _run_stages(config, stages, wd, runners)
+    finally:
+      wd.push()  # whatever a failed or interrupted run wrote is kept too
 
 
 def _run_stages(config, stages, wd, runners) -> dict:

@@ -40,7 +40,8 @@ def _abstract(state):
 
 
 def _equal(a, b) -> bool:
-  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(*map(jax.tree.leaves, (a, b))))
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
 
 
 def _save(directory, states):
