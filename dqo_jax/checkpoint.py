@@ -20,6 +20,8 @@ Only Orbax reads checkpoints: nothing a user receives from elsewhere is ever unp
 from __future__ import annotations
 
 import os
+import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -81,11 +83,16 @@ def _fmix(h):
   return h ^ (h >> 16)
 
 
+def _dtype_code(dtype) -> int:
+  return zlib.crc32(str(dtype).encode())
+
+
 def _array_digest(x):
-  """uint32[2]: sums over the elements of (word ^ a(i)) * b(i) mod 2^32, for two pairs of
-  index hashes a, b (b odd). Any one changed word changes both sums (an odd factor is
-  invertible mod 2^32); more changes cancel in both with a chance of about 2^-64. Elementwise
-  and a sum, without a reshape: a sharded array is hashed where its shards are."""
+  """uint32[3]: two sums over the elements of (word ^ a(i)) * b(i) mod 2^32, for two pairs of
+  index hashes a, b (b odd), and a code of the dtype. Any one changed word changes both sums (an
+  odd factor is invertible mod 2^32); more changes cancel in both with a chance of about 2^-64.
+  Elementwise and a sum, without a reshape: a sharded array is hashed where its shards are."""
+  code = _dtype_code(x.dtype)
   w = _words(x)
   index = jnp.zeros(w.shape, jnp.uint32)
   stride = 1
@@ -97,14 +104,14 @@ def _array_digest(x):
     a = _fmix(index ^ jnp.uint32(seed))
     b = _fmix(a + jnp.uint32(seed)) | jnp.uint32(1)
     lanes.append(jnp.sum((w ^ a) * b, dtype=jnp.uint32))
-  return jnp.stack(lanes)
+  return jnp.stack(lanes + [jnp.uint32(code)])
 
 
 _leaf_digest = jax.jit(_array_digest)
 
 
 def state_digest(state):
-  """`state` with each array replaced by its digest, a uint32[2] on the array's devices."""
+  """`state` with each array replaced by its digest, a uint32[3] on the array's devices."""
   return jax.tree.map(lambda x: _leaf_digest(jnp.asarray(x)), state)
 
 
@@ -157,9 +164,13 @@ class Checkpoints:
     has_digest = (self.step_dir(step) / DIGEST).exists()
     if has_digest:
       items[DIGEST] = ocp.args.StandardRestore(
-          jax.tree.map(lambda _: np.zeros(2, np.uint32), target)
+          jax.tree.map(lambda _: np.zeros(3, np.uint32), target)
       )
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception:
+      _quiet_closed_loops()
+      raise
     if has_digest:
       _verify(restored[STATE], restored[DIGEST])
     return restored[STATE]
@@ -167,10 +178,12 @@ class Checkpoints:
   def restore_latest(self, abstract_state, warn) -> tuple[int, object]:
     """(step, state) of the newest step that restores, or (0, None) when there is none.
 
-    Newer steps that are damaged (their arrays differ from their digest, or their files do not
-    decode) are renamed to `<step>.unreadable` (so the run can save that step again), each with
-    a `warn(line)` naming it. An error of the storage stops with UserError and renames nothing;
-    so does a failure of every step: a model or optimizer that changed shape fails them alike.
+    Newer steps that fail to restore are renamed to `<step>.unreadable` (so the run can save
+    that step again), each with a `warn(line)` naming it; so are all steps if every one is
+    damaged (its arrays differ from its digest, or TensorStore found its data corrupt), and the
+    stage starts afresh. An error of the storage stops with UserError and renames nothing; so
+    does a failure of every step for other reasons: a model or optimizer that changed shape
+    fails them alike.
     """
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
@@ -184,32 +197,34 @@ class Checkpoints:
           ) from None
         failed.append((step, e))
         continue
-      for bad, e in failed:
-        self._set_aside(bad, e, warn)
-      if failed:
-        self.manager.reload()
+      self._set_aside(failed, warn, "resuming from an earlier step")
       return step, state
+    if failed and all(_proven_damaged(e) for _, e in failed):
+      self._set_aside(failed, warn, "training this stage afresh")
+      return 0, None
     if failed:
       step, e = failed[0]
       raise UserError(
           f"no checkpoint in {self.directory} restores (step {step}: {_summary(e)}); if the "
-          "model or optimizer changed, use a new --workdir"
+          "model or optimizer changed, use a new --workdir; if the checkpoints are damaged, "
+          "move the directory aside to train this stage afresh"
       )
     return 0, None
 
-  def _set_aside(self, step: int, error: Exception, warn):
-    bad = self.step_dir(step)
-    moved = bad.parent / f"{bad.name}{UNREADABLE_SUFFIX}"
-    if jax.process_index() == 0:
-      moved.rmtree(missing_ok=True)
-      bad.rename(moved)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"set aside {bad}")
-    why = str(error) if isinstance(error, Damaged) else type(error).__name__
-    warn(
-        f"warning: the checkpoint {bad} does not restore ({why}); "
-        f"moved to {moved}, resuming from an earlier step"
-    )
+  def _set_aside(self, failed: list, warn, then: str):
+    """Renames the steps of `failed` [(step, error)] to `<step>.unreadable`."""
+    for step, error in failed:
+      bad = self.step_dir(step)
+      moved = bad.parent / f"{bad.name}{UNREADABLE_SUFFIX}"
+      if jax.process_index() == 0:
+        moved.rmtree(missing_ok=True)
+        bad.rename(moved)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"set aside {bad}")
+      why = str(error) if isinstance(error, Damaged) else type(error).__name__
+      warn(f"warning: the checkpoint {bad} does not restore ({why}); moved to {moved}, {then}")
+    if failed:
+      self.manager.reload()
 
   def reached_preemption(self, step: int) -> bool:
     """True at the step where every host has agreed to save after a preemption notice (the JAX
@@ -235,15 +250,45 @@ class Checkpoints:
 
 
 def _summary(e: BaseException) -> str:
-  first = str(e).splitlines()[0] if str(e) else ""
+  """The type and gist of an error: TensorStore's end with the JSON of its whole spec."""
+  first = str(e).splitlines()[0].split(" [tensorstore_spec")[0] if str(e) else ""
+  first = first if len(first) <= 300 else first[:297] + "..."
   return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def _proven_damaged(e: BaseException) -> bool:
+  """Whether `e` proves a checkpoint's bytes wrong: its digest, or TensorStore's own checks
+  (the CRC-32C of OCDBT's tree nodes, decoders) found them so."""
+  return isinstance(e, Damaged) or "DATA_LOSS" in str(e)
+
+
+def _quiet_closed_loops():
+  """After a read fails inside Orbax's restore, TensorStore calls back into the asyncio loop
+  that Orbax has closed by then, and Python prints each callback as an unraisable 'Event loop is
+  closed' traceback: dozens around the one line that says what failed. Only those are dropped."""
+  previous = sys.unraisablehook
+  if getattr(previous, "quiet_closed_loops", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.quiet_closed_loops = True
+  sys.unraisablehook = hook
+
+
 def _verify(state, saved):
-  """Raises `Damaged` naming the arrays of `state` that differ from their `saved` digests."""
+  """Raises `Damaged` naming the arrays of `state` that differ from their `saved` digests, or
+  ValueError if the checkpoint holds an array in another dtype (restoring it converted it)."""
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
-  restored = jax.tree.leaves(state_digest(state))
-  differ = [p for p, a, b in zip(paths, restored, jax.tree.leaves(saved)) if np.any(a != b)]
+  restored = [np.asarray(d) for d in jax.tree.leaves(state_digest(state))]
+  saved = [np.asarray(d) for d in jax.tree.leaves(saved)]
+  for path, a, b in zip(paths, restored, saved):
+    if a[2] != b[2]:
+      raise ValueError(f"the checkpoint holds {path} in another dtype than the model's")
+  differ = [p for p, a, b in zip(paths, restored, saved) if np.any(a != b)]
   if differ:
     raise Damaged(
         f"{len(differ)} of {len(paths)} arrays differ from the digest saved with them: "
