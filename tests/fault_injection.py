@@ -6,8 +6,10 @@ more, left alone. Faults:
   term     SIGTERM at a random moment (the run saves the step it is at and stops)
   int      SIGINT, i.e. Ctrl-C, likewise
   corrupt  64 random bytes overwritten in place (same size) in the data files of the newest
-           checkpoint of the stage in progress, between two runs
-  race     a second run started on the workdir while a first one runs
+           checkpoint of the stage in progress, between two runs (if none has one, a run is
+           killed at its first checkpoint); damage that leaves what the checkpoint reads back
+           as unchanged (it hit bytes no read touches) is undone and drawn again
+  race     a second run started on the workdir soon after a first one
 
 The last run of a round must end with final parameters (the newest SFT and DQO checkpoints)
 equal bit for bit to those of a run never disturbed, or refuse with one line; damaged
@@ -37,8 +39,11 @@ import numpy as np
 
 import faults
 import tiny_run
-from dqo_jax.checkpoint import DIGEST, STATE
 from tiny_run import ROOT
+
+if ROOT not in sys.path:  # run as a script: only tests/ is on the path
+  sys.path.insert(0, ROOT)
+from dqo_jax.checkpoint import DIGEST, STATE  # noqa: E402
 
 KINDS = ("kill", "term", "int", "corrupt", "race")
 _SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
@@ -95,7 +100,8 @@ class Pipeline:
     )
     self.logs = 0
 
-  def start(self, workdir: str) -> tuple[subprocess.Popen, str]:
+  def start(self, workdir: str) -> subprocess.Popen:
+    """The pipeline on `workdir`, its output going to the file `.log` names."""
     self.logs += 1
     log = os.path.join(self.root, f"run{self.logs:03d}.log")
     with open(log, "w") as f:
@@ -107,11 +113,12 @@ class Pipeline:
           stderr=subprocess.STDOUT,
       )
     proc.log = log
-    return proc, log
+    return proc
 
   def run(self, workdir: str) -> tuple[int, str]:
-    proc, log = self.start(workdir)
-    return proc.wait(timeout=900), _read(log)
+    """(exit status, output) of the pipeline on `workdir`."""
+    proc = self.start(workdir)
+    return proc.wait(timeout=900), _read(proc.log)
 
 
 def _read(path: str) -> str:
@@ -225,7 +232,7 @@ def run_round(pipe: Pipeline, rng, workdir: str, plan, duration: float, tally: T
       tally.injected[kind] += 1
       damaged = step_dir
       continue
-    proc, log = pipe.start(workdir)
+    proc = pipe.start(workdir)
     if kind == "race":
       _race(pipe, workdir, proc, rng.uniform(0.0, 0.25 * duration), tally)
     elif not _wait(proc, rng.uniform(1.0, 0.8 * duration)):
@@ -234,7 +241,7 @@ def run_round(pipe: Pipeline, rng, workdir: str, plan, duration: float, tally: T
       proc.send_signal(_SIGNALS[kind])
       proc.wait(timeout=900)
       tally.injected[kind] += 1
-    if damaged and _count_damage(tally, proc.returncode, _read(log), damaged):
+    if damaged and _count_damage(tally, proc.returncode, _read(proc.log), damaged):
       damaged = None
   rc, output = pipe.run(workdir)
   if damaged:
@@ -245,7 +252,7 @@ def run_round(pipe: Pipeline, rng, workdir: str, plan, duration: float, tally: T
 def _kill_at_a_checkpoint(pipe: Pipeline, workdir: str) -> str | None:
   """Starts a run and kills it (SIGKILL) once a stage in progress has a checkpoint; returns that
   checkpoint, or None if the run ended first."""
-  proc, _ = pipe.start(workdir)
+  proc = pipe.start(workdir)
   while proc.poll() is None:
     step_dir = _newest_unfinished_checkpoint(workdir)
     if step_dir is not None:
