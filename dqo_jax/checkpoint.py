@@ -6,13 +6,13 @@ and renames it when complete (on GCS, where there is no rename, it marks it with
 commit_success.txt), so a save cut short is never listed as a step.
 
 Every step also holds a digest of the state it saved (item `digest` beside the state's item
-`default`): two 32-bit sums per array, computed on the devices from the arrays themselves when
-the step is saved, each device over its own shards (so each host over what it writes, then a
-32-bit all-reduce), and written by Orbax in the same commit. `restore` recomputes them from the
-restored arrays; a step whose arrays differ from its digest (damaged in place), or whose files do
-not decode, is `Damaged`. `restore_latest` sets such a step aside and falls back to the step
-before; an error of the storage itself (permission, too many open files, a bucket out of reach)
-stops the run with one line instead, and sets nothing aside.
+`default`): two 32-bit sums and a dtype code per array, computed on the devices from the arrays
+themselves when the step is saved, each device over its own shards (so each host over what it
+writes, then a 32-bit all-reduce), and written by Orbax with the state, in the same commit.
+`restore` recomputes it from the restored arrays and raises `Damaged` if they differ.
+`restore_latest` sets a step that does not restore aside and falls back to the step before; an
+error of the storage itself (permission, too many open files, a bucket out of reach) stops the
+run with one line instead, and sets nothing aside.
 
 Only Orbax reads checkpoints: nothing a user receives from elsewhere is ever unpickled.
 """
@@ -108,11 +108,20 @@ def _array_digest(x):
 
 
 _leaf_digest = jax.jit(_array_digest)
+_leaves_digest = jax.jit(lambda leaves: jnp.stack([_array_digest(x) for x in leaves]))
 
 
 def state_digest(state):
-  """`state` with each array replaced by its digest, a uint32[3] on the array's devices."""
-  return jax.tree.map(lambda x: _leaf_digest(jnp.asarray(x)), state)
+  """uint32[leaves, 3]: the `_array_digest` of every array of `state`, in `jax.tree.leaves`
+  order. One computation where the arrays share their devices (a train state on its mesh: the
+  training thread only dispatches it); one per array, gathered on the host, where they do not."""
+  leaves = jax.tree.leaves(state)
+  if not leaves:
+    return np.zeros((0, 3), np.uint32)
+  devices = {frozenset(x.sharding.device_set) for x in leaves if isinstance(x, jax.Array)}
+  if len(devices) <= 1:
+    return _leaves_digest(leaves)
+  return np.stack([np.asarray(_leaf_digest(x)) for x in leaves])
 
 
 def is_storage_error(e: BaseException) -> bool:
@@ -163,16 +172,15 @@ class Checkpoints:
     items = {STATE: ocp.args.StandardRestore(target)}
     has_digest = (self.step_dir(step) / DIGEST).exists()
     if has_digest:
-      items[DIGEST] = ocp.args.StandardRestore(
-          jax.tree.map(lambda _: np.zeros(3, np.uint32), target)
-      )
+      n = len(jax.tree.leaves(target))
+      items[DIGEST] = ocp.args.StandardRestore({DIGEST: np.zeros((n, 3), np.uint32)})
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception:
       _quiet_closed_loops()
       raise
     if has_digest:
-      _verify(restored[STATE], restored[DIGEST])
+      _verify(restored[STATE], restored[DIGEST][DIGEST])
     return restored[STATE]
 
   def restore_latest(self, abstract_state, warn) -> tuple[int, object]:
@@ -237,7 +245,10 @@ class Checkpoints:
     # Dispatched before the state's buffers are donated to the next step, read by Orbax's
     # copy to host with the state: the training thread never waits for it.
     args = ocp.args.Composite(
-        **{STATE: ocp.args.StandardSave(state), DIGEST: ocp.args.StandardSave(state_digest(state))}
+        **{
+            STATE: ocp.args.StandardSave(state),
+            DIGEST: ocp.args.StandardSave({DIGEST: state_digest(state)}),
+        }
     )
     return self.manager.save(step, args=args, force=force)
 
@@ -283,8 +294,10 @@ def _verify(state, saved):
   """Raises `Damaged` naming the arrays of `state` that differ from their `saved` digests, or
   ValueError if the checkpoint holds an array in another dtype (restoring it converted it)."""
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
-  restored = [np.asarray(d) for d in jax.tree.leaves(state_digest(state))]
-  saved = [np.asarray(d) for d in jax.tree.leaves(saved)]
+  restored = np.asarray(state_digest(state))
+  saved = np.asarray(saved)
+  if restored.shape != saved.shape:
+    raise Damaged(f"its digest lists {len(saved)} arrays, the state has {len(restored)}")
   for path, a, b in zip(paths, restored, saved):
     if a[2] != b[2]:
       raise ValueError(f"the checkpoint holds {path} in another dtype than the model's")
