@@ -7,8 +7,8 @@ more, left alone. Faults:
   int      SIGINT, i.e. Ctrl-C, likewise
   corrupt  64 random bytes overwritten in place (same size) in the data files of the newest
            checkpoint of the stage in progress, between two runs (if none has one, a run is
-           killed at its first checkpoint); damage that leaves what the checkpoint reads back
-           as unchanged (it hit bytes no read touches) is undone and drawn again
+           killed at its first or second checkpoint); damage that leaves what the checkpoint
+           reads back as unchanged (it hit bytes no read touches) is undone and drawn again
   race     a second run started on the workdir soon after a first one
 
 The last run of a round must end with final parameters (the newest SFT and DQO checkpoints)
@@ -225,7 +225,9 @@ def run_round(pipe: Pipeline, rng, workdir: str, plan, duration: float, tally: T
     if kind == "corrupt":
       if damaged:
         continue
-      step_dir = _newest_unfinished_checkpoint(workdir) or _kill_at_a_checkpoint(pipe, workdir)
+      step_dir = _newest_unfinished_checkpoint(workdir) or _kill_at_a_checkpoint(
+          pipe, workdir, rng.choice((1, 2))
+      )
       if step_dir is None:
         continue  # every stage finished: nothing left that a run would restore
       tally.damage_inert += _damage(step_dir, rng)
@@ -249,18 +251,21 @@ def run_round(pipe: Pipeline, rng, workdir: str, plan, duration: float, tally: T
   return rc, output
 
 
-def _kill_at_a_checkpoint(pipe: Pipeline, workdir: str) -> str | None:
-  """Starts a run and kills it (SIGKILL) once a stage in progress has a checkpoint; returns that
-  checkpoint, or None if the run ended first."""
+def _kill_at_a_checkpoint(pipe: Pipeline, workdir: str, count: int) -> str | None:
+  """Starts a run and kills it (SIGKILL) once the stage in progress has saved `count`
+  checkpoints; returns the newest checkpoint of a stage in progress then (None if the run ended
+  first, with every stage finished)."""
   proc = pipe.start(workdir)
-  while proc.poll() is None:
+  saved = set()
+  while proc.poll() is None and len(saved) < count:
     step_dir = _newest_unfinished_checkpoint(workdir)
     if step_dir is not None:
-      proc.kill()
-      proc.wait(timeout=900)
-      return step_dir
+      stage = os.path.dirname(step_dir)
+      saved = {s for s in saved if os.path.dirname(s) == stage} | {step_dir}
     time.sleep(0.05)
-  return None
+  proc.kill()
+  proc.wait(timeout=900)
+  return _newest_unfinished_checkpoint(workdir)
 
 
 def _race(pipe: Pipeline, workdir: str, first: subprocess.Popen, delay: float, tally: Tally):
