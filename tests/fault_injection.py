@@ -236,14 +236,14 @@ def run_round(pipe: Pipeline, rng, workdir: str, plan, duration: float, tally: T
       continue
     proc = pipe.start(workdir)
     if kind == "race":
-      _race(pipe, workdir, proc, rng.uniform(0.0, 0.25 * duration), tally)
-    elif not _wait(proc, rng.uniform(1.0, 0.8 * duration)):
-      continue  # it finished first: nothing injected
+      rc, output = _race(pipe, workdir, proc, rng.uniform(0.0, 0.25 * duration), tally)
     else:
-      proc.send_signal(_SIGNALS[kind])
-      proc.wait(timeout=900)
-      tally.injected[kind] += 1
-    if damaged and _count_damage(tally, proc.returncode, _read(proc.log), damaged):
+      if _wait(proc, rng.uniform(1.0, 0.8 * duration)):  # else it finished first: no fault
+        proc.send_signal(_SIGNALS[kind])
+        proc.wait(timeout=900)
+        tally.injected[kind] += 1
+      rc, output = proc.returncode, _read(proc.log)
+    if damaged and _count_damage(tally, rc, output, damaged):
       damaged = None
   rc, output = pipe.run(workdir)
   if damaged:
@@ -270,7 +270,8 @@ def _kill_at_a_checkpoint(pipe: Pipeline, workdir: str, count: int) -> str | Non
 
 def _race(pipe: Pipeline, workdir: str, first: subprocess.Popen, delay: float, tally: Tally):
   """A second run on the workdir of `first`, `delay` seconds after it started: exactly one of
-  them must be refused, whichever takes the lock first."""
+  them must be refused, whichever takes the lock first. Returns the (rc, output) of the other
+  (of `first` if neither was refused)."""
   _wait(first, delay)
   rc, output = pipe.run(workdir)
   overlapped = first.poll() is None  # `first` ran from before the second started to its end
@@ -284,6 +285,7 @@ def _race(pipe: Pipeline, workdir: str, first: subprocess.Popen, delay: float, t
     tally.injected["race"] += 1
     tally.race_errors.append(" / ".join(f"rc={r}: {_last_line(o)}" for r, o in outputs))
   # Otherwise `first` may have ended before the second started: no race took place.
+  return next(((r, o) for r, o in outputs[::-1] if o not in refused), outputs[1])
 
 
 def _count_damage(tally: Tally, rc: int, output: str, step_dir: str) -> bool:
