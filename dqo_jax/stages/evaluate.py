@@ -45,11 +45,24 @@ def _evaluate(ctx: Context, name: str, params_fn) -> dict:
   return result
 
 
+def skipped_updates(ctx: Context, run: str) -> int | None:
+  """How many updates the training run `run` ('sft' or a method's) skipped as non-finite, from
+  its DONE.json (None when it has none: trained by an older version, or elsewhere)."""
+  path = os.path.join(ctx.workdir, run, "DONE.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["summary"].get("skipped_updates")
+
+
 def run(ctx: Context) -> dict:
   name = run_name(ctx.config)
   results = {
-      "sft": _evaluate(ctx, "sft", ctx.sft_params),
-      name: _evaluate(ctx, name, lambda: trained_policy_params(ctx)),
+      run: dict(result, skipped_updates=skipped_updates(ctx, run))
+      for run, result in (
+          ("sft", _evaluate(ctx, "sft", ctx.sft_params)),
+          (name, _evaluate(ctx, name, lambda: trained_policy_params(ctx))),
+      )
   }
   results_file = os.path.join(ctx.workdir, "results.json")
   merged = {}

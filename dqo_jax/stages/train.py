@@ -25,7 +25,7 @@ from dqo_jax.data.batches import (
     cut_to_width,
     take,
 )
-from dqo_jax.data.offline import read_records, to_arrays
+from dqo_jax.data.offline import FIELDS, read_records, to_arrays
 from dqo_jax.stages.context import Context, rebox, run_name
 from dqo_jax.stages.monitor import accuracy_monitor
 from dqo_jax.stages.rollouts import read_potentials
@@ -126,7 +126,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
         ctx.policy_model, txs[0], policy_step.nll_objective, accum
     )
 
-  records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE))
+  records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE), fields=FIELDS)
   arrays = offline_arrays(records, data, ctx.tokenizer.pad_id)
   n = len(records)
   if method == "rft":
