@@ -3,8 +3,9 @@
 Runs the stages named in `config.stages` in order (sft, sample, rollouts, train, eval). Each
 writes under its own directory (DIR/<stage>/; DIR/<run name>/ and DIR/eval/<run name>/ for the
 method in `config.method`) and ends by writing DONE.json there; a stage with that file is
-skipped, and a training stage that was interrupted resumes from its last checkpoint. Config
-values are overridden on the command line, e.g. `--config.method=dpo --config.dqo.beta=0.05`.
+skipped (`--redo=STAGE` runs it again, dqo_jax/stages/redo.py), and a training stage that was
+interrupted resumes from its last checkpoint. Config values are overridden on the command line,
+e.g. `--config.method=dpo --config.dqo.beta=0.05`.
 
 DIR may be a gs://BUCKET/PATH URL: checkpoints are written there by Orbax, the other files
 through a local cache that is copied up after every stage and checkpoint (dqo_jax/workdir.py;
@@ -275,8 +276,8 @@ def _run_stages(config, stages, wd, runners, redo_stages=()) -> dict:
           os.path.join(workdir, stopped_file), dict(step=e.step, reason=e.reason, config=current)
       )
       raise UserError(
-          f"{e}; check the data or lower the learning rate: rerunning with the same settings "
-          f"stops again, --redo={stage} starts the stage over"
+          f"{e}; rerunning with the same settings stops again, --redo={stage} starts the "
+          "stage over"
       ) from None
     timings[stage] = round(time.time() - t0, 1)
     write_json_atomic(done_file, dict(summary=summary, seconds=timings[stage]))

@@ -139,6 +139,21 @@ def test_a_damaged_checkpoint_of_a_finished_stage_falls_back_to_the_step_before(
   assert "does not restore" in warning and str(directory / "2") in warning
 
 
+def test_a_missing_checkpoint_of_a_finished_sft_stage_names_the_redo(tmp_path):
+  from types import SimpleNamespace
+
+  from dqo_jax import sharding
+  from dqo_jax.stages.context import Context
+
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  ctx = Context(_config(), str(tmp_path), SimpleNamespace(vocab_size=256), None, None, mesh)
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    ctx.sft_params()
+  (tmp_path / "sft" / "DONE.json").write_text("{}")
+  with pytest.raises(UserError, match="'sft' stage is marked done; run it again with --redo=sft"):
+    ctx.sft_params()
+
+
 def test_redo_removes_the_stage_and_what_depends_on_it(tmp_path):
   """`--redo=sample`: the samples and every run and evaluation that read them go; the SFT
   checkpoint, its evaluation, continued SFT and files the pipeline did not write stay."""

@@ -89,20 +89,21 @@ def redo(config, wd: Workdir, stages: list[str]) -> list[str]:
 
 
 def remove(wd: Workdir, relpath: str) -> bool:
-  """Removes `relpath` from the local directory and (process 0) the URL; whether it existed."""
-  found = False
-  if wd.url and distributed.is_writer():
+  """Removes `relpath` from the local directory and (process 0) the URL; whether it existed.
+
+  After the run's first copy from the URL the local directory holds every file there but the
+  checkpoints, so the URL is asked only about those and about what exists here."""
+  local = os.path.join(wd.path, relpath)
+  found = os.path.exists(local)
+  if wd.url and distributed.is_writer() and (found or os.path.basename(relpath) == "checkpoints"):
     remote = epath.Path(f"{wd.url}/{relpath}")
     if remote.exists():
       found = True
       remote.rmtree() if remote.is_dir() else remote.unlink()
-  local = os.path.join(wd.path, relpath)
   if os.path.isdir(local):
     shutil.rmtree(local)
-    found = True
   elif os.path.exists(local):
     os.remove(local)
-    found = True
   return found
 
 

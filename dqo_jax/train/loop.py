@@ -186,7 +186,8 @@ def fit(
               f"gradient and were skipped"
           )
           raise NonFiniteStop(
-              f"[{desc}] {reason}; the last good state is saved in {ckpt.step_dir(done)}",
+              f"[{desc}] {reason}; the last good state is saved in {ckpt.step_dir(done)}; "
+              "lower the learning rate or check the data",
               step=done,
               reason=reason,
           )
@@ -207,7 +208,8 @@ def fit(
         f"metrics are not finite ({names})"
     )
     raise NonFiniteStop(
-        f"[{desc}] {reason}; the state saved at step {num_steps} leaves the skipped updates out",
+        f"[{desc}] {reason}; the state saved at step {num_steps} leaves the skipped updates "
+        "out; check the data or lower the learning rate",
         step=num_steps,
         reason=reason,
     )
