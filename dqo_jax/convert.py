@@ -244,9 +244,7 @@ def _prepare_export_dir(directory: str, overwrite: bool) -> None:
   present = _check_export_dir(directory, overwrite)
   os.makedirs(directory, exist_ok=True)
   for name in present:
-    if name == safetensors_io.INDEX or (
-        name.startswith("model") and name.endswith(".safetensors")
-    ):
+    if name == safetensors_io.INDEX or (name.startswith("model") and name.endswith(".safetensors")):
       os.remove(os.path.join(directory, name))
 
 

@@ -36,11 +36,14 @@ def test_batch_sizes_below_one_are_refused(key, value):
 
 
 def test_a_batch_that_does_not_split_over_the_data_mesh_is_refused():
-  with pytest.raises(UserError, match=r"train.batch_size=6 does not split evenly over the 4 .*"
-                     "use a multiple of 4"):
+  with pytest.raises(
+      UserError,
+      match=r"train.batch_size=6 does not split evenly over the 4 .*" "use a multiple of 4",
+  ):
     main.check_batches(_config(**{"train.batch_size": 6}), 4)
-  with pytest.raises(UserError, match=r"sft.batch_size=4 .* in 2 micro-batches; use a multiple "
-                     "of 8"):
+  with pytest.raises(
+      UserError, match=r"sft.batch_size=4 .* in 2 micro-batches; use a multiple " "of 8"
+  ):
     main.check_batches(_config(**{"sft.batch_size": 4, "sft.grad_accum_steps": 2}), 4)
   dpo = _config(**{"train.batch_size": 6})
   dpo.method = "dpo"  # 6 pairs are 12 rows
@@ -71,8 +74,9 @@ def test_damaged_offline_samples_are_one_line_errors_naming_the_redo(tmp_path):
   with pytest.raises(UserError, match="run the 'sample' stage first"):
     read_records(path)
   (sample / "DONE.json").write_text("{}")
-  with pytest.raises(UserError, match="marked done; run the 'sample' stage again with "
-                     "--redo=sample"):
+  with pytest.raises(
+      UserError, match="marked done; run the 'sample' stage again with " "--redo=sample"
+  ):
     read_records(path)
   write_records(path, [_record(i) for i in range(300)])
   good = open(path, "rb").read()
@@ -154,6 +158,20 @@ def test_a_missing_checkpoint_of_a_finished_sft_stage_names_the_redo(tmp_path):
     ctx.sft_params()
 
 
+def test_a_run_without_done_json_is_not_evaluated(tmp_path):
+  """The eval stage used to evaluate whatever checkpoint a stopped run had left, as the method."""
+  from types import SimpleNamespace
+
+  from dqo_jax.stages import evaluate
+
+  ctx = SimpleNamespace(workdir=str(tmp_path))
+  with pytest.raises(UserError, match="the 'dqo' run has not finished training.*'train' stage"):
+    evaluate.skipped_updates(ctx, "dqo")
+  (tmp_path / "dqo").mkdir()
+  (tmp_path / "dqo" / "DONE.json").write_text(json.dumps({"summary": {"skipped_updates": 3}}))
+  assert evaluate.skipped_updates(ctx, "dqo") == 3
+
+
 def test_redo_removes_the_stage_and_what_depends_on_it(tmp_path):
   """`--redo=sample`: the samples and every run and evaluation that read them go; the SFT
   checkpoint, its evaluation, continued SFT and files the pipeline did not write stay."""
@@ -181,3 +199,20 @@ def test_redo_removes_the_stage_and_what_depends_on_it(tmp_path):
   assert set(redo.invalidated(_config(), ["sft"])) >= {"sft", "sample", "eval/sft", "eval/dqo"}
   with pytest.raises(UserError, match="config.stages=sft does not run it"):
     redo.check(["sample"], ["sft"])
+  (tmp_path / "elsewhere").mkdir()
+  os.symlink(tmp_path / "elsewhere", tmp_path / "rollouts")  # as dqo_jax.compare links them
+  with pytest.raises(UserError, match="linked from a shared workdir"):
+    redo.redo(_config(), Workdir(str(tmp_path)), ["sample"])
+
+
+def test_redo_knows_every_run_directory():
+  from dqo_jax.stages.context import run_name
+  from dqo_jax.stages.train import METHODS
+
+  names = set()
+  for method in METHODS:
+    for process in (False, True):
+      config = _config()
+      config.method, config.dqo.process.enabled = method, process
+      names.add(run_name(config))
+  assert names == set(redo.RUNS)

@@ -217,7 +217,14 @@ def test_every_stop_id_ends_a_row_and_the_reward_sees_the_text_up_to_it():
   model, params, prompt, mask = _setup()
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   run = lambda tok: generate_all(
-      model, params, prompt, mask, jax.random.key(3), tok=tok, mesh=mesh, batch_size=2,
+      model,
+      params,
+      prompt,
+      mask,
+      jax.random.key(3),
+      tok=tok,
+      mesh=mesh,
+      batch_size=2,
       max_new_tokens=8,
   )
   free = run(_TwoStopTokenizer(EOS, EOS))

@@ -77,6 +77,13 @@ def redo(config, wd: Workdir, stages: list[str]) -> list[str]:
   process's local copy and (process 0) from the URL; returns the directories that had any.
   Runs after the first `wd.pull()`, which would otherwise bring the files back."""
   labels = invalidated(config, stages)
+  linked = [l for l in labels if os.path.islink(os.path.join(wd.path, l))]
+  if linked:
+    raise UserError(
+        f"--redo would remove files under {', '.join(linked)}, linked from a shared workdir "
+        f"(dqo_jax.compare's base: {os.path.realpath(os.path.join(wd.path, linked[0]))}); redo "
+        "the stage there"
+    )
   removed = []
   for name in PIPELINE_FILES:
     for label in labels:
