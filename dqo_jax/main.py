@@ -76,7 +76,7 @@ def check_config(config) -> list[str]:
     raise UserError(f"config.stages names unknown stage(s) {unknown}; choose from {list(STAGES)}")
   if config.method not in METHODS:
     raise UserError(f"config.method={config.method!r}; choose from {', '.join(METHODS)}")
-  for key in BATCH_SIZES:
+  for key in _batch_sizes(config):
     size = _lookup(config, key)
     if not isinstance(size, int) or size < 1:
       raise UserError(f"config.{key}={size} must be a positive number of rows")
@@ -115,14 +115,10 @@ def check_config(config) -> list[str]:
   return stages
 
 
-# Every batch the stages put on the devices, by config key.
-BATCH_SIZES = (
-    "sft.batch_size",
-    "train.batch_size",
-    "sample.batch_size",
-    "eval.batch_size",
-    "dqo.process.batch_size",
-)
+def _batch_sizes(config) -> list[str]:
+  """The config keys of every batch the stages put on the devices."""
+  keys = ["sft.batch_size", "train.batch_size", "sample.batch_size", "eval.batch_size"]
+  return keys + (["dqo.process.batch_size"] if config.dqo.process.enabled else [])
 
 
 def _lookup(config, key: str):
@@ -134,7 +130,7 @@ def _lookup(config, key: str):
 def check_batches(config, data_parallel: int) -> None:
   """UserError unless every batch (each micro-batch with gradient accumulation) splits evenly
   over the `data_parallel` devices of the mesh's data and fsdp axes."""
-  for key in BATCH_SIZES:
+  for key in _batch_sizes(config):
     section = key.split(".")[0]
     size = _lookup(config, key)
     accum = config[section].grad_accum_steps if section in ("sft", "train") else 1
