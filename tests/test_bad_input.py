@@ -13,7 +13,7 @@ import pytest
 
 from configs.arith import get_config
 from dqo_jax import checkpoint, distributed, main
-from dqo_jax.data.offline import FIELDS, read_records, write_records
+from dqo_jax.data.offline import FIELDS, read_records, to_arrays, write_records
 from dqo_jax.errors import UserError
 from dqo_jax.stages import redo
 from dqo_jax.workdir import Workdir
@@ -94,6 +94,12 @@ def test_damaged_offline_samples_are_one_line_errors_naming_the_redo(tmp_path):
   write_records(path, [_record(1), no_reward], fields=())
   with pytest.raises(UserError, match="record 1 lacks reward; .*--redo=sample"):
     read_records(path, fields=FIELDS)
+  with pytest.raises(UserError, match="record 1: reward='high' is not a number"):
+    to_arrays([_record(0), dict(_record(1), reward="high")], 8, 8, 0)
+  with pytest.raises(UserError, match="longer than data.max_prompt_len/max_response_len"):
+    to_arrays([_record(0)], 1, 8, 0)
+  with pytest.raises(UserError, match="record 1: token id 300 is outside .* of 256; .*--redo"):
+    to_arrays([_record(0), dict(_record(1), response=[3, 300])], 8, 8, 0, vocab_size=256)
 
 
 def _raise_no_space(*args):

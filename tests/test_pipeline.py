@@ -164,10 +164,14 @@ def _error_line(proc):
 
 
 def test_a_run_stopped_by_the_nonfinite_guard_is_not_made_done_by_a_rerun(finished, tmp_path):
-  """Token ids past the vocabulary make every DQO step non-finite. The guard stopped the run,
-  but rerunning the same command used to resume, write DONE and evaluate the SFT policy as DQO."""
-  vocab = 256
-  workdir = _hostile_copy(finished, tmp_path, lambda r, i: r.update(response=[vocab + 7] * 4))
+  """NaN log-probs in every sample make every DQO step non-finite (as token ids past the
+  vocabulary did before they were refused on reading). The guard stopped the run, but rerunning
+  the same command used to resume, write DONE and evaluate the SFT policy as DQO."""
+
+  def nan_logprobs(record, i):
+    record["ref_logprobs"] = [float("nan")] * len(record["response"])
+
+  workdir = _hostile_copy(finished, tmp_path, nan_logprobs)
   settings = ("--config.stages=train,eval", "--config.train.steps=3")
   settings += ("--config.train.max_consecutive_nonfinite=2",)
   proc = _run(workdir, *settings, "--redo=train")
@@ -187,11 +191,11 @@ def test_a_run_whose_final_metrics_are_nan_fails_saying_how_many_updates_were_sk
 ):
   """8 of 64 samples with NaN log-probs used to give rc=0 and a NaN summary."""
 
-  def nan_logprobs(record, i):
+  def some_nan_logprobs(record, i):
     if i % 8 == 0:
       record["ref_logprobs"] = [float("nan")] * len(record["response"])
 
-  workdir = _hostile_copy(finished, tmp_path, nan_logprobs)
+  workdir = _hostile_copy(finished, tmp_path, some_nan_logprobs)
   proc = _run(workdir, "--config.stages=train", "--config.train.steps=4", "--redo=train")
   line = _error_line(proc)
   assert "of 4 updates were skipped as non-finite and the final metrics are not finite" in line

@@ -80,10 +80,22 @@ def read_records(path: str, stage: str = "sample", fields=()) -> list[dict]:
 
 
 def to_arrays(
-    records: list[dict], max_prompt_len: int, max_response_len: int, pad_id: int
+    records: list[dict],
+    max_prompt_len: int,
+    max_response_len: int,
+    pad_id: int,
+    vocab_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-  """The DQO training arrays in the batch layout of `dqo_jax.data.batches`."""
+  """The DQO training arrays in the batch layout of `dqo_jax.data.batches`; with `vocab_size`,
+  UserError for a token id outside the model's vocabulary (it would make every loss NaN)."""
   for i, r in enumerate(records):
+    ids = r["prompt"] + r["response"]
+    if vocab_size is not None and ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+      bad = next(t for t in ids if not 0 <= t < vocab_size)
+      raise UserError(
+          f"offline record {i}: token id {bad} is outside the model's vocabulary of {vocab_size}; "
+          "the samples come from another tokenizer or model: --redo=sample"
+      )
     if len(r["prompt"]) > max_prompt_len or len(r["response"]) > max_response_len:
       raise UserError(
           "an offline sample is longer than data.max_prompt_len/max_response_len; "
