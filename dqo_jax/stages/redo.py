@@ -36,6 +36,7 @@ PIPELINE_FILES = (
     "samples.array_record",
     "potentials.array_record",
     "result.json",
+    "skipped_updates.json",
 )
 # Every run directory a workdir can hold (`run_name` of each method).
 RUNS = ("sft_continued", "rft", "dpo", "kto", "dro", "dqo", "dqo_ps")

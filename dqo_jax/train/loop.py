@@ -15,6 +15,7 @@ as does a run whose final metrics are not finite.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from dqo_jax import sharding
 from dqo_jax.checkpoint import Checkpoints
 from dqo_jax.errors import UserError
-from dqo_jax.metrics import ScalarWriter, mean_metrics
+from dqo_jax.metrics import ScalarWriter, mean_metrics, write_json_atomic
 
 
 class Interrupted(Exception):
@@ -100,6 +101,18 @@ def jit_step(step_fn: Callable, state_shardings, mesh, rules):
   )
 
 
+# {step: updates skipped as non-finite in steps 1..step} for the saved steps, so that a resumed
+# run counts the skips of the runs before it.
+SKIPPED_FILE = "skipped_updates.json"
+
+
+def _read_skipped(path: str) -> dict[str, int]:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def fit(
     *,
     stage_dir: str,
@@ -124,7 +137,8 @@ def fit(
 
   A fresh state is `init_fn(rng, *init_args)`; `on_log(step, state)` may add metrics, and
   `on_save()` runs after each checkpoint save. The step's metrics include `skipped_updates`
-  (1.0 when its update was skipped as non-finite).
+  (1.0 when its update was skipped as non-finite); the summary's counts every step from 0, those
+  of the runs this one resumed included (`<stage_dir>/skipped_updates.json`).
   With several processes each feeds only its devices' rows of `batch_at(step)` (the global
   batch), and only process 0 writes summaries.
   """
@@ -143,7 +157,9 @@ def fit(
   step_jit = jit_step(step_fn, shardings, mesh, rules)
   writer = ScalarWriter(stage_dir)
   history, last = [], {}
-  skipped, streak = 0, 0
+  skipped_file = os.path.join(stage_dir, SKIPPED_FILE)
+  skipped_at = _read_skipped(skipped_file) if start else {}
+  skipped, streak = skipped_at.get(str(start), 0), 0
   t0 = time.time()
   try:
     with _stop_requests() as stop, tqdm(
@@ -178,6 +194,9 @@ def fit(
         saved = ckpt.save(
             done, state, force=done == num_steps or bool(stop) or preempted or diverged
         )
+        if saved:
+          skipped_at[str(done)] = skipped
+          write_json_atomic(skipped_file, skipped_at)
         if saved and on_save is not None:
           on_save()
         if diverged:
@@ -204,7 +223,7 @@ def fit(
   if nonfinite:
     names = ", ".join(nonfinite[:3]) + (f" and {len(nonfinite) - 3} more" if nonfinite[3:] else "")
     reason = (
-        f"{skipped} of {num_steps - start} updates were skipped as non-finite and the final "
+        f"{skipped} of {num_steps} updates were skipped as non-finite and the final "
         f"metrics are not finite ({names})"
     )
     raise NonFiniteStop(
