@@ -186,7 +186,8 @@ def _run_stages(config, stages, wd, runners) -> dict:
     distributed.barrier("data")
   where = f"{wd.url} (local copy {workdir})" if wd.url else workdir
   print(
-      f"[setup] {len(ctx.train)} train / {len(ctx.test)} test problems, "
+      f"[setup] {len(ctx.train)} train / {len(ctx.validation or [])} validation / "
+      f"{len(ctx.test)} test problems, "
       f"vocabulary {ctx.tokenizer.vocab_size}, devices {ctx.mesh.devices.size} "
       f"(mesh {dict(ctx.mesh.shape)}), workdir {where}"
   )
@@ -214,7 +215,10 @@ def _run_stages(config, stages, wd, runners) -> dict:
   if os.path.exists(results_file):
     with open(results_file) as f:
       results = json.load(f)
-    print("\nAccuracy on the test split\n" + evaluate.format_table(results))
+    print(
+        "\nAccuracy on the test split (val greedy: the validation split; obj: E[R] - beta KL of"
+        " fresh samples on training and test prompts)\n" + evaluate.format_table(results)
+    )
     return results
   return {}
 
