@@ -123,10 +123,15 @@ class Checkpoints:
       self.manager = None
 
 
-def restore_params(directory, abstract_params_state):
-  """Reads the newest checkpoint of a finished stage, e.g. the SFT policy for DQO."""
+def restore_params(directory, abstract_params_state, warn=print):
+  """Reads the newest checkpoint of a finished stage, e.g. the SFT policy for DQO. A newest step
+  that does not restore is set aside with a `warn(line)` and the step before is read, as when a
+  training stage resumes (`Checkpoints.restore_latest`)."""
   ckpt = Checkpoints(directory, every=1)
   try:
-    return ckpt.restore(abstract_params_state)
+    _, state = ckpt.restore_latest(abstract_params_state, warn)
   finally:
     ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: run the stage that writes it")
+  return state

@@ -42,6 +42,7 @@ def generate_all(
         key,
         max_new_tokens=max_new_tokens,
         eos_id=tok.eos_id,
+        stop_ids=tuple(tok.stop_ids),
         pad_id=tok.pad_id,
         temperature=temperature,
         greedy=greedy,

@@ -240,6 +240,33 @@ def test_missing_or_incomplete_directories_give_one_line_errors(llama_dir, tmp_p
   assert "model_type='mixtral' is not supported" in _error(capsys, "--from_hf", str(llama_dir))
 
 
+def test_export_refuses_a_non_empty_directory_and_overwrite_replaces_the_weights(
+    llama_dir, tmp_path, capsys
+):
+  """A sharded export over a single-file one used to keep both, and transformers loaded the
+  old model.safetensors."""
+  other = _hf_model("llama")
+  with torch.no_grad():
+    other.lm_head.weight.add_(1.0)
+  other.save_pretrained(tmp_path / "other", safe_serialization=True)
+  back = tmp_path / "back"
+  for src, ours in ((llama_dir, "ours"), (tmp_path / "other", "ours_other")):
+    assert convert.main(["--from_hf", str(src), "--to", str(tmp_path / ours)]) == 0
+  export = lambda ours, *extra: convert.main(
+      ["--from", str(tmp_path / ours), "--to_hf", str(back), "--dtype", "float32", *extra]
+  )
+  assert export("ours") == 0 and (back / "model.safetensors").exists()
+  capsys.readouterr()
+  sharded = ("--max_shard_gb", str(40_000 / (1 << 30)))
+  assert export("ours_other", *sharded) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "is not empty" in err and "--overwrite" in err
+  assert export("ours_other", *sharded, "--overwrite") == 0
+  assert not (back / "model.safetensors").exists()
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(back, attn_implementation="eager")
+  assert torch.equal(reloaded.lm_head.weight, other.lm_head.weight)
+
+
 def test_config_model_path_gives_the_stages_the_pretrained_policy(llama_dir, tmp_path):
   from configs.arith import get_config
   from dqo_jax import sharding

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dqo_jax.data.offline import FIELDS, read_records
+from dqo_jax.data.offline import FIELDS, read_records, write_records
 
 from tiny_run import ROOT
 from tiny_run import command as _cmd
@@ -51,6 +51,7 @@ def test_every_stage_writes_its_outputs(finished):
   results = json.loads((workdir / "results.json").read_text())
   assert set(results) == {"sft", "dqo"}
   for r in results.values():
+    assert r["skipped_updates"] == 0
     assert 0.0 <= r["accuracy"] <= 1.0 and set(r["by_steps"]) <= {"2", "3", "4", "5"}
     s = r["sampled"]
     assert s["k"] == 4 and 0.0 <= s["accuracy"] <= s["pass_at_k"] <= 1.0
@@ -125,6 +126,80 @@ def test_bad_config_gets_one_line_error(tmp_path, override, expected):
   assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
+def test_a_run_that_fails_its_checks_leaves_config_json_as_it_was(finished):
+  """A `train.batch_size=-8` run used to replace config.json (and fail with a traceback); the
+  next normal run then warned about a change that never trained."""
+  workdir, _ = finished
+  before = (workdir / "config.json").read_bytes()
+  proc = _run(workdir, "--config.train.batch_size=-8")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "error: config.train.batch_size=-8 must be a positive number of rows"
+  ]
+  assert (workdir / "config.json").read_bytes() == before
+
+
+def _hostile_copy(finished, tmp_path, change):
+  """The finished workdir's SFT model and samples, with `change(record, index)` applied to
+  every offline sample."""
+  import shutil
+
+  workdir = tmp_path / "hostile"
+  shutil.copytree(finished[0], workdir)
+  path = str(workdir / "sample" / "samples.array_record")
+  records = read_records(path)
+  for i, r in enumerate(records):
+    change(r, i)
+  write_records(path, records)
+  return workdir
+
+
+def _error_line(proc):
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  return errors[0]
+
+
+def test_a_run_stopped_by_the_nonfinite_guard_is_not_made_done_by_a_rerun(finished, tmp_path):
+  """NaN log-probs in every sample make every DQO step non-finite (as token ids past the
+  vocabulary did before they were refused on reading). The guard stopped the run, but rerunning
+  the same command used to resume, write DONE and evaluate the SFT policy as DQO."""
+
+  def nan_logprobs(record, i):
+    record["ref_logprobs"] = [float("nan")] * len(record["response"])
+
+  workdir = _hostile_copy(finished, tmp_path, nan_logprobs)
+  settings = ("--config.stages=train,eval", "--config.train.steps=3")
+  settings += ("--config.train.max_consecutive_nonfinite=2",)
+  proc = _run(workdir, *settings, "--redo=train")
+  assert "[redo] removed the outputs of dqo, eval/dqo" in proc.stdout
+  line = _error_line(proc)
+  assert "[dqo] steps 1-2 of 3 all had a non-finite loss or gradient" in line
+  assert "--redo=train starts the stage over" in line
+  line = _error_line(_run(workdir, *settings))  # the same command, again
+  assert "[dqo] an earlier run stopped: steps 1-2 of 3 all had a non-finite" in line
+  assert "with --redo=train" in line
+  assert not os.path.exists(workdir / "dqo" / "DONE.json")
+  assert not os.path.exists(workdir / "eval" / "dqo" / "result.json")
+
+
+def test_a_run_whose_final_metrics_are_nan_fails_saying_how_many_updates_were_skipped(
+    finished, tmp_path
+):
+  """8 of 64 samples with NaN log-probs used to give rc=0 and a NaN summary."""
+
+  def some_nan_logprobs(record, i):
+    if i % 8 == 0:
+      record["ref_logprobs"] = [float("nan")] * len(record["response"])
+
+  workdir = _hostile_copy(finished, tmp_path, some_nan_logprobs)
+  proc = _run(workdir, "--config.stages=train", "--config.train.steps=4", "--redo=train")
+  line = _error_line(proc)
+  assert "of 4 updates were skipped as non-finite and the final metrics are not finite" in line
+  assert not os.path.exists(workdir / "dqo" / "DONE.json")
 
 
 def test_config_json_of_an_older_version_gets_one_line_error(finished, tmp_path):

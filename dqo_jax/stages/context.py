@@ -14,6 +14,7 @@ from dqo_jax import convert, sharding
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import prompts, tasks
 from dqo_jax.data.batches import Encoded, encode_examples
+from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
 from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train.loop import abstract_state
@@ -113,7 +114,15 @@ class Context:
 
   def sft_params(self):
     """The SFT policy: the reference policy and DQO's starting point."""
-    return restore_params(self.checkpoint_dir("sft"), self.sft_abstract_state()).params
+    try:
+      return restore_params(self.checkpoint_dir("sft"), self.sft_abstract_state()).params
+    except FileNotFoundError:
+      if not os.path.exists(os.path.join(self.workdir, "sft", "DONE.json")):
+        raise
+      raise UserError(
+          f"no checkpoint in {self.checkpoint_dir('sft')}, although the 'sft' stage is marked "
+          "done; run it again with --redo=sft"
+      ) from None
 
   def value_params_from(self, policy_params, rng):
     """The value model: the policy's trunk with a fresh (zero) scalar head, boxed."""

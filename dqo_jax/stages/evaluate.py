@@ -13,6 +13,7 @@ import os
 
 import jax
 
+from dqo_jax.errors import UserError
 from dqo_jax.metrics import ScalarWriter, write_json_atomic
 from dqo_jax.stages.context import Context, run_name
 from dqo_jax.stages.monitor import greedy_accuracy, sampled_accuracy, sampled_objective
@@ -65,13 +66,30 @@ def _evaluate(ctx: Context, name: str, params_fn, ref_params_fn) -> dict:
   return result
 
 
+def skipped_updates(ctx: Context, run: str) -> int | None:
+  """How many updates the training run `run` ('sft' or a method's) skipped as non-finite, from
+  its DONE.json (None from one written by an older version). UserError when it has none: a run
+  that has not finished, or that the non-finite guard stopped, is not evaluated."""
+  path = os.path.join(ctx.workdir, run, "DONE.json")
+  if not os.path.exists(path):
+    stage = "sft" if run == "sft" else "train"
+    raise UserError(
+        f"{path} not found: the {run!r} run has not finished training, so there is nothing to "
+        f"evaluate; run the {stage!r} stage first"
+    )
+  with open(path) as f:
+    return json.load(f)["summary"].get("skipped_updates")
+
+
 def run(ctx: Context) -> dict:
   name = run_name(ctx.config)
+  skipped = {r: skipped_updates(ctx, r) for r in ("sft", name)}
   sft_params = functools.cache(ctx.sft_params)
   results = {
       "sft": _evaluate(ctx, "sft", sft_params, sft_params),
       name: _evaluate(ctx, name, lambda: trained_policy_params(ctx), sft_params),
   }
+  results = {r: dict(result, skipped_updates=skipped[r]) for r, result in results.items()}
   results_file = os.path.join(ctx.workdir, "results.json")
   merged = {}
   if os.path.exists(results_file):

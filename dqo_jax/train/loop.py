@@ -8,12 +8,14 @@ Checkpoints are saved asynchronously every `checkpoint.every` steps; SIGINT, SIG
 preemption notice finish the current step, save it, and stop with a message saying how to
 resume; kill -9 loses at most `checkpoint.every` steps. A step whose loss or gradient is not
 finite is skipped inside the step (`keep_if_finite`); after `max_nonfinite` skips in a row the
-run saves its state, which the skips left at the last good update, and stops.
+run saves its state, which the skips left at the last good update, and stops (NonFiniteStop),
+as does a run whose final metrics are not finite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import time
@@ -31,6 +33,15 @@ from dqo_jax.metrics import ScalarWriter, mean_metrics
 
 class Interrupted(Exception):
   """Training stopped by a signal after saving; rerunning the same command resumes."""
+
+
+class NonFiniteStop(UserError):
+  """Training stopped by the non-finite guard, or finished with non-finite final metrics, after
+  saving its last good state at `step`; `reason` says what happened in a few words."""
+
+  def __init__(self, message: str, *, step: int, reason: str):
+    super().__init__(message)
+    self.step, self.reason = step, reason
 
 
 @contextlib.contextmanager
@@ -170,10 +181,15 @@ def fit(
         if saved and on_save is not None:
           on_save()
         if diverged:
-          raise UserError(
-              f"[{desc}] steps {done - streak + 1}-{done} of {num_steps} all had a non-finite "
-              f"loss or gradient and were skipped; the last good state is saved in "
-              f"{ckpt.step_dir(done)}; lower the learning rate or check the data, then rerun"
+          reason = (
+              f"steps {done - streak + 1}-{done} of {num_steps} all had a non-finite loss or "
+              f"gradient and were skipped"
+          )
+          raise NonFiniteStop(
+              f"[{desc}] {reason}; the last good state is saved in {ckpt.step_dir(done)}; "
+              "lower the learning rate or check the data",
+              step=done,
+              reason=reason,
           )
         if stop or preempted:
           cause = f"signal {stop[0]}" if stop else "a preemption notice"
@@ -184,6 +200,19 @@ def fit(
   finally:
     writer.close()
     ckpt.close()
+  nonfinite = [k for k, v in last.items() if not math.isfinite(v)]
+  if nonfinite:
+    names = ", ".join(nonfinite[:3]) + (f" and {len(nonfinite) - 3} more" if nonfinite[3:] else "")
+    reason = (
+        f"{skipped} of {num_steps - start} updates were skipped as non-finite and the final "
+        f"metrics are not finite ({names})"
+    )
+    raise NonFiniteStop(
+        f"[{desc}] {reason}; the state saved at step {num_steps} leaves the skipped updates "
+        "out; check the data or lower the learning rate",
+        step=num_steps,
+        reason=reason,
+    )
   summary = dict(
       steps=num_steps,
       resumed_from=start,
