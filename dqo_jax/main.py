@@ -175,7 +175,7 @@ def run_pipeline(config, workdir: str, cache_dir: str = "", redo_stages=()) -> d
   finished, after their outputs and those of the stages that read them are removed."""
   import jax
 
-  from dqo_jax import sharding
+  from dqo_jax import sharding, workdir_lock
   from dqo_jax.stages import evaluate, redo, rollouts, sample, sft, train
   from dqo_jax.workdir import open_workdir
 
@@ -197,10 +197,11 @@ def run_pipeline(config, workdir: str, cache_dir: str = "", redo_stages=()) -> d
   check_batches(config, mesh.shape["data"] * mesh.shape["fsdp"])
   redo.check(list(redo_stages), stages)
   wd = open_workdir(workdir, cache_dir)
-  try:
-    return _run_stages(config, stages, wd, runners, redo_stages)
-  finally:
-    wd.push()  # whatever a failed or interrupted run wrote is kept too
+  with workdir_lock.held(wd):  # before anything is written there
+    try:
+      return _run_stages(config, stages, wd, runners, redo_stages)
+    finally:
+      wd.push()  # whatever a failed or interrupted run wrote is kept too
 
 
 def _run_stages(config, stages, wd, runners, redo_stages=()) -> dict:
