@@ -28,14 +28,11 @@ class _Lines:
 
   def __init__(self, stream):
     self._stream = stream
-    self._last = ""
 
   def write(self, text: str) -> None:
     for line in re.split(r"[\r\n]", _ESCAPES.sub("", text)):
-      line = line.rstrip()
-      if line and line != self._last:
-        self._stream.write(line + "\n")
-        self._last = line
+      if line.strip():
+        self._stream.write(line.rstrip() + "\n")
 
   def flush(self) -> None:
     self._stream.flush()
