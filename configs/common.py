@@ -73,7 +73,7 @@ def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
       loss_norm="token",  # "token": mean over valid tokens; "sequence": mean of per-sequence means
       value_warmup_steps=0,  # steps at the start that update only the value model
       # Potential-based shaping from Monte-Carlo rollouts of pi_ref at every step delimiter,
-      # computed once by the `rollouts` stage (dqo-method.md, "Process supervision").
+      # computed once by the `rollouts` stage (docs/method.md, "Process supervision").
       process=dict(
           enabled=False,
           rollouts_per_step=4,

@@ -59,6 +59,14 @@ def test_every_stage_writes_its_outputs(finished):
   assert "Accuracy on the test split" in proc.stdout and "maj@4" in proc.stdout
 
 
+def test_output_to_a_file_is_lines_without_progress_bar_redraws(finished):
+  _, proc = finished  # stdout and stderr are pipes, as a log file is: not terminals
+  log = proc.stdout + proc.stderr
+  assert "\r" not in log and "\x1b[" not in log
+  for stage in ("sft", "sample", "dqo", "eval/dqo"):
+    assert f"[{stage}] done in " in log
+
+
 def test_rerun_skips_finished_stages(finished):
   workdir, _ = finished
   proc = _run(workdir)
@@ -277,13 +285,16 @@ def test_compare_trains_each_method_on_the_shared_base(tmp_path):
       sys.executable,
       "-m",
       "dqo_jax.compare",
-      "--config=configs/arith.py:tiny",
-      f"--workdir={tmp_path}",
+      f"--config={os.path.join(ROOT, 'configs', 'arith.py')}:tiny",
+      "--workdir=cmp",
       "--methods=sft,dro",
       "--seeds=2",
       "--parallel=2",
   ]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  # Outside the repository, with a relative workdir: nothing may depend on the working directory.
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  tmp_path = tmp_path / "cmp"
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
   assert set(summary) == {"sft", "dro"} and all(r["seeds"] == 2 for r in summary.values())

@@ -12,11 +12,11 @@ import os
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from dqo_jax import distributed, sharding
 from dqo_jax.data.offline import write_records
 from dqo_jax.generation import generate_all, grade_samples
+from dqo_jax.progress import tqdm
 from dqo_jax.sampler import FINISH_EOS
 from dqo_jax.stages.context import Context
 from dqo_jax.train.forward import response_logprobs

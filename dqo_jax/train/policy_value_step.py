@@ -83,7 +83,7 @@ def make_policy_value_step(
 
 
 def dqo_objective(cfg, reward_cfg=None):
-  """DQO (dqo-method.md): cfg is `config.dqo`; `reward_cfg` (`config.rewards`) is needed only
+  """DQO (docs/method.md): cfg is `config.dqo`; `reward_cfg` (`config.rewards`) is needed only
   for process supervision's value targets."""
   beta, lam, norm = float(cfg.beta), float(cfg.lam), cfg.loss_norm
   ps = cfg.process
