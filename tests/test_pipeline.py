@@ -38,6 +38,11 @@ def test_every_stage_writes_its_outputs(finished):
   for stage in STAGE_DIRS:
     assert os.path.exists(workdir / stage / "DONE.json"), stage
   assert not os.path.exists(workdir / "rollouts"), "rollouts are only for process supervision"
+  # Monitored while training: validation accuracy, and the objective of fresh samples on
+  # training and validation prompts; never the test split.
+  monitored = json.loads((workdir / "dqo" / "DONE.json").read_text())["summary"]["final_metrics"]
+  assert {"val_accuracy", "train_prompts_objective", "val_objective"} <= monitored.keys()
+  assert "accuracy" not in monitored
   for stage in ("sft", "dqo"):
     steps = [d for d in os.listdir(workdir / stage / "checkpoints") if d.isdigit()]
     assert str({"sft": 20, "dqo": 10}[stage]) in steps
@@ -56,7 +61,14 @@ def test_every_stage_writes_its_outputs(finished):
     s = r["sampled"]
     assert s["k"] == 4 and 0.0 <= s["accuracy"] <= s["pass_at_k"] <= 1.0
     assert s["maj_at_k"] <= s["pass_at_k"]
+    assert r["validation"]["n"] == 31  # 32 held out, one longer than the limits
+    for o in r["objective"].values():
+      assert abs(o["objective"] - (o["reward"] - 0.5 * o["kl"])) < 1e-6
+  # The SFT policy is pi_ref: the log-ratio of every sampled token is 0 exactly.
+  assert results["sft"]["objective"]["train"]["kl"] == 0.0
+  assert results["dqo"]["objective"]["train"]["kl"] != 0.0
   assert "Accuracy on the test split" in proc.stdout and "maj@4" in proc.stdout
+  assert "obj train" in proc.stdout
 
 
 def test_output_to_a_file_is_lines_without_progress_bar_redraws(finished):
