@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import runpy
 
 import flax.linen as nn
 import jax
@@ -219,18 +221,15 @@ def _distance_after(make_step, steps):
   return _tv(trained, target), _tv(np.exp(ref_seq), target), _unseen_mass(target)
 
 
-DQO_CFG = ml_collections.ConfigDict(
-    dict(
-        beta=BETA,
-        lam=1.0,
-        importance_traces=False,
-        rho_max=1.0,
-        c_max=1.0,
-        loss_norm="token",
-        value_warmup_steps=0,
-        process=dict(enabled=False, alpha=1.0),
-    )
-)
+def _shipped_dqo_config():
+  """`config.dqo` as the configs ship it (lambda, normalisation, no importance traces), at BETA."""
+  common = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "configs", "common.py"))
+  c = ml_collections.ConfigDict()
+  common["add_methods"](c, steps=STEPS, batch_size=128, policy_lr=3e-3, value_lr=3e-3, beta=BETA)
+  return c.dqo
+
+
+DQO_CFG = _shipped_dqo_config()
 
 
 def test_dqo_reaches_the_optimum():
