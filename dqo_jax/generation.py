@@ -6,10 +6,10 @@ from collections import defaultdict
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from dqo_jax import distributed, rewards, sharding
 from dqo_jax.model import Transformer
+from dqo_jax.progress import tqdm
 from dqo_jax.sampler import FINISH_LENGTH, Samples, generate
 from dqo_jax.tokenizer import Tokenizer
 

@@ -175,7 +175,7 @@ def run_pipeline(config, workdir: str, cache_dir: str = "", redo_stages=()) -> d
   finished, after their outputs and those of the stages that read them are removed."""
   import jax
 
-  from dqo_jax import sharding
+  from dqo_jax import sharding, workdir_lock
   from dqo_jax.stages import evaluate, redo, rollouts, sample, sft, train
   from dqo_jax.workdir import open_workdir
 
@@ -197,10 +197,11 @@ def run_pipeline(config, workdir: str, cache_dir: str = "", redo_stages=()) -> d
   check_batches(config, mesh.shape["data"] * mesh.shape["fsdp"])
   redo.check(list(redo_stages), stages)
   wd = open_workdir(workdir, cache_dir)
-  try:
-    return _run_stages(config, stages, wd, runners, redo_stages)
-  finally:
-    wd.push()  # whatever a failed or interrupted run wrote is kept too
+  with workdir_lock.held(wd):  # before anything is written there
+    try:
+      return _run_stages(config, stages, wd, runners, redo_stages)
+    finally:
+      wd.push()  # whatever a failed or interrupted run wrote is kept too
 
 
 def _run_stages(config, stages, wd, runners, redo_stages=()) -> dict:
@@ -239,7 +240,8 @@ def _run_stages(config, stages, wd, runners, redo_stages=()) -> dict:
     distributed.barrier("data")
   where = f"{wd.url} (local copy {workdir})" if wd.url else workdir
   print(
-      f"[setup] {len(ctx.train)} train / {len(ctx.test)} test problems, "
+      f"[setup] {len(ctx.train)} train / {len(ctx.validation or [])} validation / "
+      f"{len(ctx.test)} test problems, "
       f"vocabulary {ctx.tokenizer.vocab_size}, devices {ctx.mesh.devices.size} "
       f"(mesh {dict(ctx.mesh.shape)}), workdir {where}"
   )
@@ -286,7 +288,10 @@ def _run_stages(config, stages, wd, runners, redo_stages=()) -> dict:
   if os.path.exists(results_file):
     with open(results_file) as f:
       results = json.load(f)
-    print("\nAccuracy on the test split\n" + evaluate.format_table(results))
+    print(
+        "\nAccuracy on the test split (val greedy: the validation split; obj: E[R] - beta KL of"
+        " fresh samples on training and test prompts)\n" + evaluate.format_table(results)
+    )
     return results
   return {}
 

@@ -22,6 +22,8 @@ from dqo_jax.errors import UserError
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # Orbax's own directories: written and read at the URL, never copied.
 _CHECKPOINTS = "checkpoints"
+# The workdir lock (dqo_jax/workdir_lock.py): held at the URL itself, never copied.
+LOCK_NAME = ".lock.json"
 
 
 def is_url(path: str) -> bool:
@@ -98,7 +100,7 @@ class Workdir:
     copied = 0
     for remote, info in fs.find(root, detail=True).items():
       rel = remote[len(root) :].lstrip("/")
-      if not rel or _is_checkpoint_file(rel) or info.get("type") == "directory":
+      if rel in ("", LOCK_NAME) or _is_checkpoint_file(rel) or info.get("type") == "directory":
         continue
       local = os.path.join(self.path, rel)
       version = info.get("generation") or info.get("mtime") or info.get("size")

@@ -190,18 +190,26 @@ class Handler(BaseHTTPRequestHandler):
       return self._json({"kind": "storage#bucket", "name": name, "id": name})
     if parts[:4] == ["upload", "storage", "v1", "b"] and len(parts) == 6:
       return self._upload(parts[4], q, body)
-    if parts[:3] == ["storage", "v1", "b"] and ("rewriteTo" in parts or "copyTo" in parts):
-      verb = "rewriteTo" if "rewriteTo" in parts else "copyTo"
+    verbs = [v for v in ("rewriteTo", "copyTo", "moveTo") if v in parts]
+    if parts[:3] == ["storage", "v1", "b"] and verbs:
+      verb = verbs[0]
       i = parts.index(verb)
       src_bucket, src = parts[3], "/".join(parts[5:i])
-      dst_bucket, dst = parts[i + 2], "/".join(parts[i + 4 :])
+      # moveTo stays in the bucket: .../o/SRC/moveTo/o/DST
+      dst_bucket, dst = (
+          (src_bucket, "/".join(parts[i + 2 :]))
+          if verb == "moveTo"
+          else (parts[i + 2], "/".join(parts[i + 4 :]))
+      )
       with self.store.lock:
         data, meta = self.store.objects.get((src_bucket, src), (None, None))
         if meta is None:
           return self._error(404, f"no object {src}")
         new = self.store.meta(dst_bucket, dst, data, meta["contentType"])
         self.store.objects[(dst_bucket, dst)] = (data, new)
-      if verb == "copyTo":
+        if verb == "moveTo":
+          del self.store.objects[(src_bucket, src)]
+      if verb != "rewriteTo":
         return self._json(new)
       n = str(len(data))
       return self._json(

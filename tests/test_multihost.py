@@ -120,9 +120,11 @@ def test_two_processes_run_the_pipeline_as_one_8_device_process(tmp_path):
           atol=1e-3 * np.abs(expected).max() + 1e-7,
           err_msg=f"{stage}/{tag}",
       )
-    # Orbax wrote the last step's checkpoint to the bucket, from both processes.
+    # Orbax wrote the last step's checkpoint to the bucket, from both processes, with its digest.
     for i in (0, 1):
       assert f"two/{stage}/checkpoints/{steps}/default/array_metadatas/process_{i}" in remote
+    assert f"two/{stage}/checkpoints/{steps}/digest/_METADATA" in remote
+  assert "two/.lock.json" not in remote  # process 0's lock, released; process 1 took none
   # Sampling shards the prompts over both processes and gathers them back in order.
   samples_1 = read_records(str(one / "sample" / "samples.array_record"))
   samples_2 = read_records(str(two / "sample" / "samples.array_record"))

@@ -38,6 +38,11 @@ def test_every_stage_writes_its_outputs(finished):
   for stage in STAGE_DIRS:
     assert os.path.exists(workdir / stage / "DONE.json"), stage
   assert not os.path.exists(workdir / "rollouts"), "rollouts are only for process supervision"
+  # Monitored while training: validation accuracy, and the objective of fresh samples on
+  # training and validation prompts; never the test split.
+  monitored = json.loads((workdir / "dqo" / "DONE.json").read_text())["summary"]["final_metrics"]
+  assert {"val_accuracy", "train_prompts_objective", "val_objective"} <= monitored.keys()
+  assert "accuracy" not in monitored
   for stage in ("sft", "dqo"):
     steps = [d for d in os.listdir(workdir / stage / "checkpoints") if d.isdigit()]
     assert str({"sft": 20, "dqo": 10}[stage]) in steps
@@ -56,7 +61,22 @@ def test_every_stage_writes_its_outputs(finished):
     s = r["sampled"]
     assert s["k"] == 4 and 0.0 <= s["accuracy"] <= s["pass_at_k"] <= 1.0
     assert s["maj_at_k"] <= s["pass_at_k"]
+    assert r["validation"]["n"] == 31  # 32 held out, one longer than the limits
+    for o in r["objective"].values():
+      assert abs(o["objective"] - (o["reward"] - 0.5 * o["kl"])) < 1e-6
+  # The SFT policy is pi_ref: the log-ratio of every sampled token is 0 exactly.
+  assert results["sft"]["objective"]["train"]["kl"] == 0.0
+  assert results["dqo"]["objective"]["train"]["kl"] != 0.0
   assert "Accuracy on the test split" in proc.stdout and "maj@4" in proc.stdout
+  assert "obj train" in proc.stdout
+
+
+def test_output_to_a_file_is_lines_without_progress_bar_redraws(finished):
+  _, proc = finished  # stdout and stderr are pipes, as a log file is: not terminals
+  log = proc.stdout + proc.stderr
+  assert "\r" not in log and "\x1b[" not in log
+  for stage in ("sft", "sample", "dqo", "eval/dqo"):
+    assert f"[{stage}] done in " in log
 
 
 def test_rerun_skips_finished_stages(finished):
@@ -277,13 +297,16 @@ def test_compare_trains_each_method_on_the_shared_base(tmp_path):
       sys.executable,
       "-m",
       "dqo_jax.compare",
-      "--config=configs/arith.py:tiny",
-      f"--workdir={tmp_path}",
+      f"--config={os.path.join(ROOT, 'configs', 'arith.py')}:tiny",
+      "--workdir=cmp",
       "--methods=sft,dro",
       "--seeds=2",
       "--parallel=2",
   ]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  # Outside the repository, with a relative workdir: nothing may depend on the working directory.
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  tmp_path = tmp_path / "cmp"
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
   assert set(summary) == {"sft", "dro"} and all(r["seeds"] == 2 for r in summary.values())

@@ -53,6 +53,11 @@ class Context:
   mesh: object
   # The run's workdir when it has a URL: checkpoints live there, files are copied to it.
   remote: Workdir | None = None
+  # Held out from train (`config.data.num_validation`): what is monitored and chosen on.
+  validation: Encoded | None = None
+
+  def split(self, name: str) -> Encoded:
+    return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
   @property
   def rules(self):
@@ -141,7 +146,7 @@ def build_context(config, workdir: Workdir) -> Context:
   render = prompts.make_renderer(config, tok, task.splits["train"])
   enc = {
       s: encode_examples(tok, task.splits[s], d.max_prompt_len, d.max_response_len, render)
-      for s in ("train", "test")
+      for s in task.splits
   }
   for s, e in enc.items():
     if e.dropped:
@@ -151,4 +156,6 @@ def build_context(config, workdir: Workdir) -> Context:
       )
   mesh = sharding.make_mesh(config.mesh)
   remote = workdir if workdir.url else None
-  return Context(config, workdir.path, tok, enc["train"], enc["test"], mesh, remote)
+  return Context(
+      config, workdir.path, tok, enc["train"], enc["test"], mesh, remote, enc.get("validation")
+  )

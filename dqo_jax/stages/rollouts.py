@@ -1,5 +1,5 @@
 """Stage `rollouts`: Monte-Carlo estimates of the reference policy's success from every reasoning
-step of every offline sample, for DQO's process supervision (dqo-method.md).
+step of every offline sample, for DQO's process supervision (docs/method.md).
 
 A step ends at a token holding `dqo.process.delimiter`. From the bare prompt (p_0) and from each
 prefix ending at a delimiter (p_j), `rollouts_per_step` completions are sampled from pi_ref with

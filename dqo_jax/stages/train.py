@@ -229,7 +229,7 @@ def run(ctx: Context) -> dict:
       log_every=cfg.log_every,
       desc=name,
       init_args=(sft_params,),
-      on_log=accuracy_monitor(ctx, policy_of),
+      on_log=accuracy_monitor(ctx, policy_of, ref_params=sft_params),
       checkpoint_dir=ctx.checkpoint_dir(name),
       on_save=ctx.copy_up,
   )

@@ -24,12 +24,12 @@ from typing import Callable
 
 import jax
 from flax.linen import meta
-from tqdm import tqdm
 
 from dqo_jax import sharding
 from dqo_jax.checkpoint import Checkpoints
 from dqo_jax.errors import UserError
 from dqo_jax.metrics import ScalarWriter, mean_metrics, write_json_atomic
+from dqo_jax.progress import tqdm
 
 
 class Interrupted(Exception):
