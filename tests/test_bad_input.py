@@ -134,17 +134,21 @@ def test_a_damaged_checkpoint_of_a_finished_stage_falls_back_to_the_step_before(
   with a traceback when damaged, where the training stages fall back to the step before."""
   directory = tmp_path / "sft" / "checkpoints"
   ckpt = checkpoint.Checkpoints(directory, every=1)
-  for step in (1, 2):
-    ckpt.save(step, {"w": jnp.full((64, 64), float(step))})
+  values = {step: np.random.default_rng(step).normal(size=(64, 64)) for step in (1, 2)}
+  for step, value in values.items():
+    ckpt.save(step, {"w": jnp.asarray(value, jnp.float32)})
   ckpt.close()
-  files = [os.path.join(d, f) for d, _, fs in os.walk(directory / "2") for f in fs]
-  biggest = max(files, key=os.path.getsize)
-  with open(biggest, "r+b") as f:
-    f.truncate(os.path.getsize(biggest) // 2)
+  # Every data file of step 2 (TensorStore keeps the array chunks under .../d/), cut in half.
+  data = [os.path.join(d, f) for d, _, fs in os.walk(directory / "2") for f in fs]
+  data = [p for p in data if os.path.basename(os.path.dirname(p)) == "d"]
+  assert data
+  for path in data:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
   warnings = []
   abstract = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
   state = checkpoint.restore_params(directory, abstract, warn=warnings.append)
-  np.testing.assert_array_equal(np.asarray(state["w"]), 1.0)
+  np.testing.assert_array_equal(np.asarray(state["w"]), values[1].astype(np.float32))
   (warning,) = warnings
   assert "does not restore" in warning and str(directory / "2") in warning
 
