@@ -1,5 +1,6 @@
-"""Grading throughput (responses/s, median of repeats): GSM8K on the shared example model
-solutions, MATH on this file's own MATH-style responses (no MATH problems are included).
+"""Grading throughput (responses/s, median of repeats): GSM8K on OpenAI's example model
+solutions (data/gsm8k), MATH on this file's own MATH-style responses (no MATH problems are
+included).
 
     python -m benchmarks.grading          # or as rows of `python -m benchmarks.run`
 """
@@ -14,7 +15,7 @@ from benchmarks.timing import interleaved, row
 from dqo_jax.rewards import grade_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOLUTIONS = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "example_model_solutions.jsonl")
+SOLUTIONS = os.path.join(ROOT, "data", "gsm8k", "example_model_solutions.jsonl")
 
 # (response, reference answer, whether it grades correct): written for this benchmark in the
 # style of MATH solutions: a short derivation ending in \boxed{}. "typical" answers need no
@@ -46,7 +47,7 @@ MATH_SYMBOLIC = [
 
 
 def gsm8k_pairs(path: str = SOLUTIONS) -> list[tuple[str, str]]:
-  """(model solution, ground truth) for every model's solution in the shared example file."""
+  """(model solution, ground truth) for every model's solution in the example file."""
   with open(path, encoding="utf-8") as file:
     records = [json.loads(line) for line in file]
   return [
@@ -65,14 +66,9 @@ def _rate_row(name, task, pairs, repeats, notes):
 
 def rows(quick: bool) -> list[dict]:
   repeats = 3 if quick else 7
-  out = []
-  if os.path.exists(SOLUTIONS):
-    pairs = gsm8k_pairs()
-    out.append(
-        _rate_row("grading GSM8K", "gsm8k", pairs, repeats, f"{len(pairs)} example model solutions")
-    )
-  else:
-    out.append(row("grading GSM8K", None, unit="responses/s", notes=f"skipped: {SOLUTIONS} absent"))
+  pairs = gsm8k_pairs()
+  notes = f"{len(pairs)} example model solutions"
+  out = [_rate_row("grading GSM8K", "gsm8k", pairs, repeats, notes)]
   for name, cases, copies in (("typical", MATH_TYPICAL, 50), ("symbolic", MATH_SYMBOLIC, 5)):
     pairs = [(response, reference) for response, reference, _ in cases] * copies
     out.append(

@@ -45,11 +45,8 @@ def padding_fractions(lengths, batch_size, num_buckets, steps, seed=0):
 
 def rows(quick: bool) -> list[dict]:
   module = runpy.run_path(CONFIG)
-  path = os.path.join(module["SHARED_GSM8K"], "train.jsonl")
-  if not os.path.exists(path):
-    return [row("padding fraction GSM8K train", None, unit="fraction", notes=f"{path} absent")]
   train = module["get_config"]().train
-  lengths = gsm8k_lengths(path)
+  lengths = gsm8k_lengths(os.path.join(module["GSM8K_DIR"], "train.jsonl"))
   epochs = 1 if quick else 3
   steps = len(lengths) // train.batch_size * epochs
   before, after, widths = padding_fractions(lengths, train.batch_size, train.length_buckets, steps)

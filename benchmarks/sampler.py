@@ -10,11 +10,12 @@ interleaved with each other (ours, theirs, ours, ...), median of the repeats, wa
 Tunix (google-tunix 0.1.7, benchmarks/requirements-tunix.txt) needs an older transformers than
 ours, so it runs in its own venv, as a subprocess (`benchmarks/tunix_worker.py`):
 
-    python -m venv --system-site-packages /work/venv-tunix
-    /work/venv-tunix/bin/pip install -r benchmarks/requirements-tunix.txt
+    python -m venv --system-site-packages ~/.cache/dqo_jax/venv-tunix
+    ~/.cache/dqo_jax/venv-tunix/bin/pip install -r benchmarks/requirements-tunix.txt
 
-`TUNIX_PYTHON` names that venv's python (default /work/venv-tunix/bin/python); without it the
-Tunix rows keep a null baseline and say why.
+The environment variable `TUNIX_PYTHON` names that venv's python (default
+~/.cache/dqo_jax/venv-tunix/bin/python); without one there the Tunix rows keep a null baseline
+and say why.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ PAD = 0
 EOS = MODEL.vocab_size  # never generated: every row decodes the full length in all three
 BATCH, PROMPT_LEN = 32, 64  # the arith config's prompt and response lengths
 DPO_PAIRS, DPO_RESPONSE_LEN, DPO_BETA, DPO_LR = 8, 64, 0.1, 1e-6
-TUNIX_PYTHON = os.environ.get("TUNIX_PYTHON", "/work/venv-tunix/bin/python")
+DEFAULT_TUNIX_PYTHON = "~/.cache/dqo_jax/venv-tunix/bin/python"
+TUNIX_PYTHON = os.path.expanduser(os.environ.get("TUNIX_PYTHON", DEFAULT_TUNIX_PYTHON))
 
 
 def _shapes(quick: bool) -> dict:
@@ -262,7 +264,10 @@ def _tunix_rows(directory, params, prompt, mask, dpo_parts, ours_sample, r, repe
   )
   names = ("sampler vs Tunix sampler", "DPO train step vs Tunix DPOTrainer")
   if not os.path.exists(TUNIX_PYTHON):
-    why = f"Tunix not run: no {TUNIX_PYTHON} (see benchmarks/requirements-tunix.txt)"
+    why = (
+        f"Tunix not run: no python at TUNIX_PYTHON (default {DEFAULT_TUNIX_PYTHON}; see "
+        "benchmarks/requirements-tunix.txt)"
+    )
     return [
         _row(names[0], None, None, 1.2, "generated tokens/s", f"{shape_note}; {why}"),
         _row(names[1], None, None, 1.0, "train steps/s", f"{dpo_note}; {why}"),
@@ -298,7 +303,7 @@ def _tunix_rows(directory, params, prompt, mask, dpo_parts, ours_sample, r, repe
     _, tunix_tokens = tunix.run("sample")
     tunix_tokens = np.array([t + [PAD] * (r - len(t)) for t in tunix_tokens])
     t = _interleaved(dict(ours=_timed(ours_sample), tunix=lambda: tunix.run("sample")[0]), repeats)
-    how = f"google-tunix 0.1.7 in {TUNIX_PYTHON} (jax {tunix.version}), a subprocess"
+    how = f"google-tunix 0.1.7 in its own venv (jax {tunix.version}), a subprocess"
     sample_row = _row(
         names[0],
         BATCH * r / t["ours"],

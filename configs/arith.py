@@ -29,6 +29,9 @@ def get_config(arg: str = ""):
       dir="",  # "" = <workdir>/data; the TFDS dataset and the tokenizer are cached there
       num_train=8000,
       num_test=1000,
+      # The last N generated train problems, held out: monitoring while training and every
+      # choice of settings read this split, never test (dqo_jax/data/tasks.py).
+      num_validation=500,
       seed=1234,
       min_steps=2,
       max_steps=5,
@@ -81,7 +84,9 @@ def get_config(arg: str = ""):
   # came closest to SFT and 0.1 fell furthest below it; see docs/results.md.
   common.add_methods(c, steps=400, batch_size=16, policy_lr=1e-4, value_lr=1e-3, beta=0.5)
 
-  # every: greedy accuracy on the first monitor_examples test problems while training (0 = off);
+  # every: greedy accuracy on the first monitor_examples validation problems while training, and
+  # for the train stage E[R] - beta KL of fresh samples on as many train and validation prompts
+  # (0 = off);
   # samples_per_problem = k: also the accuracy of temperature samples, pass@k and maj@k (0 = off)
   c.eval = dict(
       num_examples=-1,
@@ -93,7 +98,7 @@ def get_config(arg: str = ""):
   )
 
   if arg == "tiny":  # the reduced end-to-end run of the test suite
-    c.data.update(num_train=256, num_test=64)
+    c.data.update(num_train=256, num_test=64, num_validation=32)
     c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
     c.sft.update(steps=20, batch_size=8)
     c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32)

@@ -73,7 +73,7 @@ def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
       loss_norm="token",  # "token": mean over valid tokens; "sequence": mean of per-sequence means
       value_warmup_steps=0,  # steps at the start that update only the value model
       # Potential-based shaping from Monte-Carlo rollouts of pi_ref at every step delimiter,
-      # computed once by the `rollouts` stage (dqo-method.md, "Process supervision").
+      # computed once by the `rollouts` stage (docs/method.md, "Process supervision").
       process=dict(
           enabled=False,
           rollouts_per_step=4,
@@ -131,6 +131,9 @@ def task_config(task, *, max_prompt_len, max_response_len, instruction, template
       local_dir="",  # a local copy of the data; what "" means depends on the task
       num_train=-1,  # keep the first N examples of a split (-1 = all)
       num_test=-1,
+      # The last N train examples, held out: monitoring while training and every choice of
+      # settings read this split, never test (dqo_jax/data/tasks.py).
+      num_validation=500,
       max_prompt_len=max_prompt_len,
       max_response_len=max_response_len,
       prompt=dict(
@@ -182,6 +185,7 @@ def tiny_model():
 def tiny_schedule(c):
   """Few steps, few prompts, data-parallel mesh: the whole pipeline in about a minute on CPU."""
   c.mesh.update(data=-1, fsdp=1)
+  c.data.num_validation = 4
   c.sft.update(steps=20, batch_size=8, optimizer=optimizer(1e-3, 5, weight_decay=0.01))
   c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32)
   c.train.update(

@@ -9,12 +9,13 @@ Presets (the part after ':'):
       `--compile_only --topology=v5p-16` sizes the DQO step on a TPU slice without them
       (docs/scaling.md).
   tiny: a 2-layer model and a SentencePiece tokenizer trained from scratch on a slice of the
-      real data from ../shared/data/gsm8k (next to the repository); it proves the plumbing, its
-      accuracy is near zero.
+      official files the repository carries (data/gsm8k, MIT licence); it proves the plumbing,
+      its accuracy is near zero.
 
 Data: data.local_dir="" downloads the official files through TFDS's `gsm8k` builder on first use;
 --config.data.local_dir=DIR prepares the same splits offline from DIR/train.jsonl and
-DIR/test.jsonl. Prompt formats: data.prompt (see dqo_jax/data/prompts.py and docs/data.md).
+DIR/test.jsonl; the repository carries a copy (`--config.data.local_dir=data/gsm8k` from its
+root). Prompt formats: data.prompt (see dqo_jax/data/prompts.py and docs/data.md).
 """
 
 import os
@@ -26,9 +27,10 @@ common = types.SimpleNamespace(
     **runpy.run_path(os.path.join(os.path.dirname(__file__), "common.py"))
 )
 
-# Where the repository's CI (and this project's machines) keep a copy of the official files.
-SHARED_GSM8K = os.path.normpath(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k")
+# The repository's copy of the official files (data/README.md), found from this file so that a
+# preset works from any working directory.
+GSM8K_DIR = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "gsm8k")
 )
 INSTRUCTION = (
     "Solve the math word problem step by step. Write the final answer as a number on its own "
@@ -51,7 +53,7 @@ def get_config(arg: str = ""):
     c.model = common.pretrained_model(preset)
   elif preset == "tiny":
     c.data.update(
-        local_dir=SHARED_GSM8K, num_train=512, num_test=32, max_prompt_len=256, max_response_len=256
+        local_dir=GSM8K_DIR, num_train=512, num_test=32, max_prompt_len=256, max_response_len=256
     )
     c.tokenizer.vocab_size = 1024
     c.model = common.tiny_model()

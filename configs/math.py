@@ -14,8 +14,9 @@ Presets (the part after ':'):
       model, whose weights and tokenizer are read from --config.model.path=DIR (required).
       `--compile_only --topology=v5p-16` sizes the DQO step on a TPU slice without them
       (docs/scaling.md).
-  tiny: a 2-layer model and a SentencePiece tokenizer trained from scratch on the test suite's
-      made-up MATH-format fixture (tests/fixtures/math_hendrycks); it proves the plumbing only.
+  tiny: a 2-layer model and a SentencePiece tokenizer trained from scratch on 24 made-up problems
+      in MATH's layout that the repository carries (data/math_made_up/math_hendrycks, none from
+      MATH); it proves the plumbing only.
 """
 
 import os
@@ -27,9 +28,10 @@ common = types.SimpleNamespace(
     **runpy.run_path(os.path.join(os.path.dirname(__file__), "common.py"))
 )
 
-FIXTURE = os.path.normpath(
+# Found from this file, so that the preset works from any working directory.
+MADE_UP = os.path.normpath(
     os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "math_hendrycks"
+        os.path.dirname(os.path.abspath(__file__)), "..", "data", "math_made_up", "math_hendrycks"
     )
 )
 INSTRUCTION = "Solve the problem step by step. Put the final answer in \\boxed{}, simplified and in exact form."
@@ -49,7 +51,7 @@ def get_config(arg: str = ""):
   if preset in common.PRETRAINED:
     c.model = common.pretrained_model(preset)
   elif preset == "tiny":
-    c.data.update(local_dir=FIXTURE, max_prompt_len=128, max_response_len=96)
+    c.data.update(local_dir=MADE_UP, max_prompt_len=128, max_response_len=96)
     c.tokenizer.vocab_size = 256
     c.model = common.tiny_model()
     common.tiny_schedule(c)

@@ -5,14 +5,16 @@
 libtpu describes the chips of a named slice without any being attached. The step is the one
 `dqo_jax.train.loop.jit_step` jits for a real run (same shardings, same donation), lowered from
 abstract shapes (no weights are read or allocated) and compiled by the TPU compiler, whose
-memory and cost analyses give per-chip memory and FLOPs. Needs libtpu
-(`pip install "jax[tpu]"` of the installed jax version; requirements-dev.txt pins it).
+memory and cost analyses give per-chip memory and FLOPs. Needs libtpu: the one jax finds itself
+(`TPU_LIBRARY_PATH`, or an importable `libtpu` as `jax[tpu]` installs on a TPU VM), else the one
+in `LIBTPU_DIR`, where the README's test command installs it (`requirements-aot.txt`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -45,6 +47,11 @@ CHIPS = {
 }
 _ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
 EXAMPLES = "v4-8, v4-32, v5p-16, v5p-128, v5e-16 (or v5litepod-16), v6e-8"
+
+# libtpu installed here, outside site-packages, is loaded by the compile alone: importable, jax
+# would try to start a TPU with it in every process, and print its start-up errors where none is.
+LIBTPU_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dqo_jax", "libtpu")
+LIBTPU_INSTALL = f"pip install -U --target {LIBTPU_DIR} -r requirements-aot.txt"
 
 
 def slice_grid(chips: int, torus: bool) -> tuple[int, ...]:
@@ -91,6 +98,7 @@ def topology_devices(name: str):
   # These TPU_* values (and what libtpu's start-up writes beside them) hold only for the compile:
   # a child of this process must not inherit them and take itself for a host of a pod.
   env = dict(os.environ)
+  _point_jax_at_libtpu()
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.cloud_name}-{chips * chip.cores_per_chip}")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   options = dict(chips_per_host_bounds=(1, 1, 1) if chips == 1 else (2, 2, 1))
@@ -103,14 +111,23 @@ def topology_devices(name: str):
   except RuntimeError as e:
     if "TPU support not installed" in str(e):
       raise UserError(
-          f"--compile_only needs libtpu: pip install 'jax[tpu]=={jax.__version__}' "
-          "(or requirements-dev.txt)"
+          f"--compile_only needs libtpu: {LIBTPU_INSTALL} (from the repository root), or "
+          f"pip install 'jax[tpu]=={jax.__version__}' on a TPU VM"
       ) from None
     raise
   finally:
     os.environ.clear()
     os.environ.update(env)
   return kind, chip, topo.devices
+
+
+def _point_jax_at_libtpu() -> None:
+  """Names LIBTPU_DIR's libtpu in TPU_LIBRARY_PATH, unless jax finds a libtpu by itself."""
+  if "TPU_LIBRARY_PATH" in os.environ or importlib.util.find_spec("libtpu") is not None:
+    return
+  path = os.path.join(LIBTPU_DIR, "libtpu", "libtpu.so")
+  if os.path.isfile(path):
+    os.environ["TPU_LIBRARY_PATH"] = path
 
 
 def model_config(config) -> ModelConfig:

@@ -1,7 +1,7 @@
 """Sequence-level (bandit) baseline losses: DPO, KTO and DRO-V.
 
-Pure functions in the style of rlax, defined in ``docs/dqo-method.md``
-("The bandit baselines"). Each response y is scored by its sequence log-ratio
+Pure functions in the style of rlax, defined in ``docs/method.md``
+("The baselines"). Each response y is scored by its sequence log-ratio
 l(y) = sum_t (log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t)).
 
 Conventions, shared with :mod:`dqo_jax.losses`:
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 Array = chex.Array
 
-# lambda_D n_D / (lambda_U n_U) must lie in this range (dqo-method.md, KTO).
+# lambda_D n_D / (lambda_U n_U) must lie in this range (docs/method.md, "The baselines").
 _KTO_RATIO_RANGE = (1.0, 4.0 / 3.0)
 
 
@@ -218,7 +218,7 @@ def kto_lambdas(
   """KTO weights (lambda_D, lambda_U) for a dataset's class counts.
 
   lambda_U = 1 and lambda_D = r n_U / n_D, where r = lambda_D n_D / (lambda_U n_U)
-  is `target_ratio` clipped to [1, 4/3] (dqo-method.md). With a class absent
+  is `target_ratio` clipped to [1, 4/3] (docs/method.md). With a class absent
   the ratio is undefined and the weights are (1.0, 1.0).
 
   Args:

@@ -309,13 +309,15 @@ def _verify(state, saved):
     )
 
 
-def restore_params(directory, abstract_params_state):
-  """Reads the newest checkpoint of a finished stage, e.g. the SFT policy for DQO; a damaged one
-  is a UserError naming it."""
+def restore_params(directory, abstract_params_state, warn=print):
+  """Reads the newest checkpoint of a finished stage, e.g. the SFT policy for DQO. A newest step
+  that does not restore is set aside with a `warn(line)` and the step before is read, as when a
+  training stage resumes (`Checkpoints.restore_latest`)."""
   ckpt = Checkpoints(directory, every=1)
   try:
-    return ckpt.restore(abstract_params_state)
-  except Damaged as e:
-    raise UserError(f"the checkpoint {ckpt.step_dir(ckpt.latest_step())} is damaged: {e}")
+    _, state = ckpt.restore_latest(abstract_params_state, warn)
   finally:
     ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: run the stage that writes it")
+  return state

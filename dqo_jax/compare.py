@@ -55,6 +55,12 @@ ABLATIONS = {
     "dqo_ps_lam0.95": {"method": "dqo", "dqo.process.enabled": True, "dqo.lam": 0.95},
 }
 
+# Every run's config, found from this package rather than the working directory, so that the
+# command works from any directory.
+FROM_JSON = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "from_json.py"
+)
+
 
 def _run_command(config_file, workdir, overrides) -> list[str]:
   overrides = {"stages": "train,eval", **overrides}
@@ -62,7 +68,7 @@ def _run_command(config_file, workdir, overrides) -> list[str]:
       sys.executable,
       "-m",
       "dqo_jax.main",
-      f"--config=configs/from_json.py:{config_file}",
+      f"--config={FROM_JSON}:{config_file}",
       f"--workdir={workdir}",
       *(f"--config.{k}={v}" for k, v in overrides.items()),
   ]

@@ -12,6 +12,7 @@ so host memory holds the placed model plus about one tensor in flight (docs/mode
 
 OUR_DIR holds `params/` (an Orbax checkpoint of the parameter tree), `model_config.json`, and
 `hf/` (the source `config.json`, generation config and tokenizer files, used by the export).
+HF_DIR must be new or empty; `--overwrite` replaces an earlier export there.
 """
 
 from __future__ import annotations
@@ -228,6 +229,25 @@ def _check_dir(directory: str) -> None:
     raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
 
 
+def _check_export_dir(directory: str, overwrite: bool) -> list[str]:
+  """The files already in `directory`; ValueError if there are any and not `overwrite`."""
+  present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  if present and not overwrite:
+    raise ValueError(
+        f"{directory} is not empty ({', '.join(present[:3])}{', ...' if len(present) > 3 else ''})"
+        "; choose a new directory, or pass --overwrite to replace the export there"
+    )
+  return present
+
+
+def _prepare_export_dir(directory: str, overwrite: bool) -> None:
+  present = _check_export_dir(directory, overwrite)
+  os.makedirs(directory, exist_ok=True)
+  for name in present:
+    if name == safetensors_io.INDEX or (name.startswith("model") and name.endswith(".safetensors")):
+      os.remove(os.path.join(directory, name))
+
+
 def export_hf(
     params,
     cfg: ModelConfig,
@@ -237,12 +257,17 @@ def export_hf(
     base_config: dict | None = None,
     files_from: str | os.PathLike | None = None,
     max_shard_bytes: int = 2 << 30,
+    overwrite: bool = False,
 ) -> list[str]:
   """Writes `params` (our LM parameter tree, unboxed or boxed) as a Hugging Face checkpoint:
   safetensors (sharded above `max_shard_bytes`, with an index), `config.json` and the
-  tokenizer and generation files found in `files_from`. Returns the files written."""
+  tokenizer and generation files found in `files_from`. Returns the files written.
+
+  A non-empty `directory` is refused unless `overwrite`, which first removes the weight files
+  of the export there: a stale `model.safetensors` beside a new index (or the reverse) would be
+  what `transformers` loads."""
   directory = os.fspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  _prepare_export_dir(directory, overwrite)
   params = nn.meta.unbox(params)
   dtype = np.dtype(jnp.dtype(dtype))
   wmap = weight_map(cfg)
@@ -415,6 +440,11 @@ def main(argv=None) -> int:
       "--dtype", default=None, help="stored dtype (import: float32; export: bfloat16)"
   )
   parser.add_argument("--max_shard_gb", type=float, default=2.0)
+  parser.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="export into a non-empty --to_hf directory, removing its weight files first",
+  )
   args = parser.parse_args(argv)
   try:
     if args.from_hf and args.to:
@@ -422,6 +452,7 @@ def main(argv=None) -> int:
       save_ours(params, cfg, args.to, hf_files_from=args.from_hf)
       print(f"wrote {args.to}: {cfg.family}, {_count(params) / 1e6:.1f}M parameters")
     elif args.src and args.to_hf:
+      _check_export_dir(args.to_hf, args.overwrite)  # before minutes of loading
       cfg, params = load_ours(args.src)
       if args.params:
         params = _restore_trained_params(args.params, cfg)
@@ -433,6 +464,7 @@ def main(argv=None) -> int:
           dtype=args.dtype or "bfloat16",
           files_from=files if os.path.isdir(files) else None,
           max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+          overwrite=args.overwrite,
       )
       print(f"wrote {args.to_hf}: {cfg.family}, {_count(params) / 1e6:.1f}M parameters")
     else:

@@ -6,10 +6,10 @@ from collections import defaultdict
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from dqo_jax import distributed, rewards, sharding
 from dqo_jax.model import Transformer
+from dqo_jax.progress import tqdm
 from dqo_jax.sampler import FINISH_LENGTH, Samples, generate
 from dqo_jax.tokenizer import Tokenizer
 
@@ -42,6 +42,7 @@ def generate_all(
         key,
         max_new_tokens=max_new_tokens,
         eos_id=tok.eos_id,
+        stop_ids=tuple(tok.stop_ids),
         pad_id=tok.pad_id,
         temperature=temperature,
         greedy=greedy,

@@ -1,7 +1,7 @@
 """Direct Q-function Optimization (DQO) targets and losses.
 
 Pure functions over padded ``[batch, time]`` arrays, in the style of rlax. The
-method and every equation below are defined in ``docs/dqo-method.md``.
+method and every equation below are defined in ``docs/method.md``.
 
 Conventions shared by every function here:
 

@@ -3,8 +3,9 @@
 Runs the stages named in `config.stages` in order (sft, sample, rollouts, train, eval). Each
 writes under its own directory (DIR/<stage>/; DIR/<run name>/ and DIR/eval/<run name>/ for the
 method in `config.method`) and ends by writing DONE.json there; a stage with that file is
-skipped, and a training stage that was interrupted resumes from its last checkpoint. Config
-values are overridden on the command line, e.g. `--config.method=dpo --config.dqo.beta=0.05`.
+skipped (`--redo=STAGE` runs it again, dqo_jax/stages/redo.py), and a training stage that was
+interrupted resumes from its last checkpoint. Config values are overridden on the command line,
+e.g. `--config.method=dpo --config.dqo.beta=0.05`.
 
 DIR may be a gs://BUCKET/PATH URL: checkpoints are written there by Orbax, the other files
 through a local cache that is copied up after every stage and checkpoint (dqo_jax/workdir.py;
@@ -21,7 +22,9 @@ its per-chip memory and FLOPs (dqo_jax/aot.py, docs/scaling.md).
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import sys
 import time
@@ -50,6 +53,12 @@ _COMPILE_ONLY = flags.DEFINE_bool(
     "Compile the DQO/DRO train step for --topology and print its per-chip memory and FLOPs; "
     "runs nothing and needs no workdir, weights or TPU (dqo_jax/aot.py).",
 )
+_REDO = flags.DEFINE_list(
+    "redo",
+    [],
+    "Stages to run again although finished, e.g. --redo=sample: their outputs in the workdir and "
+    "those of the stages that depend on them are removed first (dqo_jax/stages/redo.py).",
+)
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "With --compile_only: the TPU slice, e.g. v5p-16, v4-8, v5e-16, v6e-8."
 )
@@ -67,6 +76,10 @@ def check_config(config) -> list[str]:
     raise UserError(f"config.stages names unknown stage(s) {unknown}; choose from {list(STAGES)}")
   if config.method not in METHODS:
     raise UserError(f"config.method={config.method!r}; choose from {', '.join(METHODS)}")
+  for key in _batch_sizes(config):
+    size = _lookup(config, key)
+    if not isinstance(size, int) or size < 1:
+      raise UserError(f"config.{key}={size} must be a positive number of rows")
   for section in ("sft", "train"):
     accumulate.check_steps(
         config[section].batch_size,
@@ -102,6 +115,36 @@ def check_config(config) -> list[str]:
   return stages
 
 
+def _batch_sizes(config) -> list[str]:
+  """The config keys of every batch the stages put on the devices."""
+  keys = ["sft.batch_size", "train.batch_size", "sample.batch_size", "eval.batch_size"]
+  return keys + (["dqo.process.batch_size"] if config.dqo.process.enabled else [])
+
+
+def _lookup(config, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def check_batches(config, data_parallel: int) -> None:
+  """UserError unless every batch (each micro-batch with gradient accumulation) splits evenly
+  over the `data_parallel` devices of the mesh's data and fsdp axes."""
+  for key in _batch_sizes(config):
+    section = key.split(".")[0]
+    size = _lookup(config, key)
+    accum = config[section].grad_accum_steps if section in ("sft", "train") else 1
+    # DPO and KTO put two rows per example on the devices.
+    rows_per_example = 2 if key == "train.batch_size" and config.method in ("dpo", "kto") else 1
+    need = data_parallel * accum // math.gcd(rows_per_example, data_parallel * accum)
+    if size % need:
+      parts = f" in {accum} micro-batches" if accum > 1 else ""
+      raise UserError(
+          f"config.{key}={size} does not split evenly over the {data_parallel} data-parallel "
+          f"devices (config.mesh data x fsdp){parts}; use a multiple of {need}"
+      )
+
+
 def describe(summary: dict, prefix: str = "") -> str:
   """A stage summary as one readable line: nested keys joined by '.', floats to 3 digits."""
   parts = []
@@ -127,11 +170,13 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def run_pipeline(config, workdir: str, cache_dir: str = "") -> dict:
+def run_pipeline(config, workdir: str, cache_dir: str = "", redo_stages=()) -> dict:
+  """Runs the stages of `config` in `workdir`; `redo_stages` (--redo) are run again although
+  finished, after their outputs and those of the stages that read them are removed."""
   import jax
 
-  from dqo_jax import workdir_lock
-  from dqo_jax.stages import evaluate, rollouts, sample, sft, train
+  from dqo_jax import sharding, workdir_lock
+  from dqo_jax.stages import evaluate, redo, rollouts, sample, sft, train
   from dqo_jax.workdir import open_workdir
 
   runners = {
@@ -148,22 +193,29 @@ def run_pipeline(config, workdir: str, cache_dir: str = "") -> dict:
         f"config.model.attention='pallas_tpu' runs only on TPU (here: {jax.default_backend()}); "
         "use xla (--compile_only compiles it for a TPU slice from any machine)"
     )
+  mesh = sharding.make_mesh(config.mesh)
+  check_batches(config, mesh.shape["data"] * mesh.shape["fsdp"])
+  redo.check(list(redo_stages), stages)
   wd = open_workdir(workdir, cache_dir)
   with workdir_lock.held(wd):  # before anything is written there
     try:
-      return _run_stages(config, stages, wd, runners)
+      return _run_stages(config, stages, wd, runners, redo_stages)
     finally:
       wd.push()  # whatever a failed or interrupted run wrote is kept too
 
 
-def _run_stages(config, stages, wd, runners) -> dict:
+def _run_stages(config, stages, wd, runners, redo_stages=()) -> dict:
   from dqo_jax import distributed
   from dqo_jax.metrics import write_json_atomic
-  from dqo_jax.stages import evaluate
+  from dqo_jax.stages import evaluate, redo
   from dqo_jax.stages.context import build_context, stage_output
+  from dqo_jax.train.loop import NonFiniteStop
 
   if wd.pull():
     print(f"[setup] copied the files of {wd.url} to {wd.path}")
+  if redo_stages:
+    removed = redo.redo(config, wd, list(redo_stages))
+    print(f"[redo] removed the outputs of {', '.join(removed) or 'nothing (none were there)'}")
   workdir = wd.path
   config_file = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
@@ -175,9 +227,9 @@ def _run_stages(config, stages, wd, runners) -> dict:
       # Finished stages are skipped whatever the config says: make that visible.
       print(
           f"[setup] warning: config differs from this workdir's last run ({', '.join(changed)}); "
-          "finished stages keep their old results; use a new --workdir to rerun them"
+          "finished stages keep their old results; rerun them with --redo=STAGE or use a new "
+          "--workdir"
       )
-  write_json_atomic(config_file, current)
   # Process 0 prepares the data (and trains the tokenizer) before the others read them.
   if not distributed.is_writer():
     distributed.barrier("data")
@@ -188,11 +240,13 @@ def _run_stages(config, stages, wd, runners) -> dict:
     distributed.barrier("data")
   where = f"{wd.url} (local copy {workdir})" if wd.url else workdir
   print(
-      f"[setup] {len(ctx.train)} train / {len(ctx.test)} test problems, "
+      f"[setup] {len(ctx.train)} train / {len(ctx.validation or [])} validation / "
+      f"{len(ctx.test)} test problems, "
       f"vocabulary {ctx.tokenizer.vocab_size}, devices {ctx.mesh.devices.size} "
       f"(mesh {dict(ctx.mesh.shape)}), workdir {where}"
   )
   timings = {}
+  started = False
   needs_rollouts = config.method == "dqo" and config.dqo.process.enabled
   for stage in stages:
     label = stage_output(config, stage)
@@ -203,8 +257,26 @@ def _run_stages(config, stages, wd, runners) -> dict:
     if os.path.exists(done_file):
       print(f"[{label}] already complete ({done_file}); skipped")
       continue
+    stopped_file = os.path.join(label, STOPPED_FILE)
+    _check_stopped(config, stage, label, os.path.join(workdir, stopped_file), current)
+    if not started:
+      # The settings of the stages that run from here: written only now, so that a run that
+      # failed its checks or ran nothing leaves the workdir's record as it was.
+      write_json_atomic(config_file, current)
+      started = True
+    if os.path.exists(os.path.join(workdir, stopped_file)):
+      redo.remove(wd, stopped_file)  # the settings changed: _check_stopped let it resume
     t0 = time.time()
-    summary = runners[stage](ctx)
+    try:
+      summary = runners[stage](ctx)
+    except NonFiniteStop as e:
+      write_json_atomic(
+          os.path.join(workdir, stopped_file), dict(step=e.step, reason=e.reason, config=current)
+      )
+      raise UserError(
+          f"{e}; rerunning with the same settings stops again, --redo={stage} starts the "
+          "stage over"
+      ) from None
     timings[stage] = round(time.time() - t0, 1)
     write_json_atomic(done_file, dict(summary=summary, seconds=timings[stage]))
     wd.push()
@@ -216,9 +288,39 @@ def _run_stages(config, stages, wd, runners) -> dict:
   if os.path.exists(results_file):
     with open(results_file) as f:
       results = json.load(f)
-    print("\nAccuracy on the test split\n" + evaluate.format_table(results))
+    print(
+        "\nAccuracy on the test split (val greedy: the validation split; obj: E[R] - beta KL of"
+        " fresh samples on training and test prompts)\n" + evaluate.format_table(results)
+    )
     return results
   return {}
+
+
+# Written in a training stage's directory when the non-finite guard stopped it.
+STOPPED_FILE = "STOPPED.json"
+
+
+def _check_stopped(config, stage: str, label: str, stopped_file: str, current: dict) -> None:
+  """UserError if an earlier run of `stage` was stopped by the non-finite guard and rerunning it
+  would repeat that: the same settings (config.stages aside), or no step left to train."""
+  if not os.path.exists(stopped_file):
+    return
+  with open(stopped_file) as f:
+    stopped = json.load(f)
+  changed = [c for c in config_changes(stopped["config"], current) if not c.startswith("stages:")]
+  steps = config["sft" if stage == "sft" else "train"].steps
+  if changed and stopped["step"] < steps:
+    print(
+        f"[{label}] resuming from step {stopped['step']}, where the non-finite guard stopped an "
+        f"earlier run, with changed settings ({', '.join(changed)})"
+    )
+    return
+  why = "with the same settings" if not changed else f"at step {stopped['step']} of {steps}"
+  raise UserError(
+      f"[{label}] an earlier run stopped: {stopped['reason']}; resuming {why} would stop again or "
+      f"train nothing: check the data or lower the learning rate, then start the stage over "
+      f"with --redo={stage}"
+  )
 
 
 def command_line(argv):
@@ -261,13 +363,38 @@ def main(argv):
     distributed.initialize(
         _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
-    run_pipeline(config, workdir, _CACHE_DIR.value)
+    run_pipeline(config, workdir, _CACHE_DIR.value, _REDO.value)
   except Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(130)
   except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    full = _no_space_left(e)
+    if full is None:
+      raise
+    where = f" writing {full.filename}" if full.filename else f" in --workdir={workdir}"
+    print(
+        f"error: no space left on the device{where}; free space there or pass a --workdir "
+        "(and --cache_dir) on a larger disk, then rerun the same command to resume",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+def _no_space_left(error: BaseException) -> OSError | None:
+  """The OSError ENOSPC behind `error` (itself, or what it was raised from: Orbax and TensorStore
+  wrap I/O errors in their own types, some keeping only the text), else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return error
+    if "No space left on device" in str(error):
+      return OSError(errno.ENOSPC, "No space left on device")
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def _one_line(e: BaseException) -> str:

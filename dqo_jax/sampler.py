@@ -4,8 +4,9 @@ Prompts come left-padded ([B, P]); responses come back right-padded ([B, R]) wit
 finish reasons and the log-probabilities of the distribution actually sampled from (after
 temperature), which DQO stores as the behaviour policy mu.
 
-A row ends at EOS, at any of the token-level `stop_sequences` (its generated suffix equals one),
-or at `max_new_tokens`; the loop exits as soon as every row has ended. The KV cache is allocated
+A row ends at EOS or any other of the tokenizer's `stop_ids` (a chat model's end of turn and its
+end of text), at any of the token-level `stop_sequences` (its generated suffix equals one), or
+at `max_new_tokens`; the loop exits as soon as every row has ended. The KV cache is allocated
 inside the program, so XLA updates it in place across the loop (no copy per step), and with a
 `mesh` the batch, the cache and every per-row buffer are split over the mesh's data axes.
 """
@@ -63,6 +64,7 @@ def _argmax(x):
         "model",
         "max_new_tokens",
         "eos_id",
+        "stop_ids",
         "pad_id",
         "greedy",
         "stop_sequences",
@@ -79,6 +81,7 @@ def generate(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
+    stop_ids: tuple[int, ...] = (),
     temperature: float = 1.0,
     greedy: bool = False,
     stop_sequences: tuple[tuple[int, ...], ...] = (),
@@ -86,6 +89,7 @@ def generate(
 ) -> Samples:
   """Samples up to `max_new_tokens` per prompt; stops early once every row has ended.
 
+  `stop_ids`: ids that end a row as `eos_id` does (FINISH_EOS), e.g. `Tokenizer.stop_ids`.
   `stop_sequences` is a tuple of token-id tuples (static: one compiled program per set). With
   `mesh`, rows are split over its ("data", "fsdp") axes; the batch must divide by their size.
   """
@@ -127,7 +131,8 @@ def generate(
     # leaves it to XLA to turn it into this).
     toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
     lps = jax.lax.dynamic_update_slice_in_dim(lps, lp[:, None], i, axis=1)
-    end = jnp.where(tok == eos_id, FINISH_EOS, -1)
+    is_eos = functools.reduce(jnp.logical_or, [tok == i for i in sorted({eos_id, *stop_ids})])
+    end = jnp.where(is_eos, FINISH_EOS, -1)
     if stop_sequences:
       # The last `width` generated tokens (-1 before the first), matched against every stop
       # sequence at once.

@@ -41,6 +41,7 @@ class Tokenizer(Protocol):
   """Text <-> token ids. `pad_id` is always distinct from `eos_id`.
 
   `add_bos`: whether a prompt starts with `bos_id` (False for Qwen, which has no BOS).
+  `stop_ids`: every id that ends generation, `eos_id` first.
   """
 
   vocab_size: int
@@ -48,6 +49,7 @@ class Tokenizer(Protocol):
   eos_id: int
   pad_id: int
   add_bos: bool
+  stop_ids: tuple[int, ...]
 
   def encode(self, text: str) -> list[int]:
     """Ids for `text`, with no BOS/EOS added."""
@@ -77,6 +79,7 @@ class SentencePieceTokenizer:
           f"{model_path}: need distinct, defined pad/eos and a bos id, got "
           f"pad={self.pad_id} eos={self.eos_id} bos={self.bos_id}"
       )
+    self.stop_ids = (self.eos_id,)
     self._skip = frozenset(specials)
 
   def encode(self, text: str) -> list[int]:

@@ -1,6 +1,7 @@
 """--compile_only: the DQO step compiled for a TPU slice from abstract shapes, on this CPU.
 
-Needs libtpu (requirements-dev.txt): without it the compile test fails, it does not skip.
+Needs libtpu, which the README's test command installs into aot.LIBTPU_DIR
+(requirements-aot.txt): without it the compile test fails, it does not skip.
 """
 
 import importlib.util
@@ -44,6 +45,22 @@ def test_slice_names_give_cloud_tpu_chip_grids(name, grid):
 def test_unknown_topology_is_one_line_listing_examples(name):
   with pytest.raises(UserError, match="v5p-16.*v6e-8"):
     aot.parse_topology(name)
+
+
+def test_libtpu_outside_site_packages_is_found_for_the_compile_alone(tmp_path, monkeypatch):
+  library = tmp_path / "libtpu" / "libtpu.so"
+  library.parent.mkdir()
+  library.write_bytes(b"")
+  monkeypatch.setattr(aot, "LIBTPU_DIR", str(tmp_path))
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # not importable, as the README installs it
+  environ = {}
+  monkeypatch.setattr(os, "environ", environ)
+  aot._point_jax_at_libtpu()
+  assert environ == {"TPU_LIBRARY_PATH": str(library)}
+  # A library the user names wins.
+  environ["TPU_LIBRARY_PATH"] = str(tmp_path / "mine.so")
+  aot._point_jax_at_libtpu()
+  assert environ == {"TPU_LIBRARY_PATH": str(tmp_path / "mine.so")}
 
 
 def test_compile_only_reports_memory_and_flops_of_the_dqo_step():

@@ -1,4 +1,4 @@
-"""Tests for dqo_jax.bandit_losses against docs/dqo-method.md ("The bandit baselines").
+"""Tests for dqo_jax.bandit_losses against docs/method.md ("The baselines").
 
 As in test_losses.py, everything runs with jax_enable_x64 so that the
 implementation is held to plain-Python float64 references at ~1e-9. Padded

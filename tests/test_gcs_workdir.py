@@ -143,3 +143,28 @@ def test_copies_move_changed_files_only_and_done_json_last(gcs, tmp_path, monkey
   (tmp_path / "here" / "sft" / "tb" / "events").write_text("e1e2")
   here.push()
   assert there.pull() == 1 and (tmp_path / "there" / "sft" / "tb" / "events").read_text() == "e1e2"
+
+
+def test_redo_removes_the_outputs_in_the_bucket_too(gcs, tmp_path, monkeypatch):
+  """Else the first copy from the bucket would bring back the DONE.json that --redo removed."""
+  from etils import epath
+
+  from configs.arith import get_config
+  from dqo_jax.stages import redo
+  from dqo_jax.workdir import Workdir
+
+  store, env = gcs
+  for key in fake_gcs.environment(""):
+    monkeypatch.setenv(key, env[key])
+  files = ["sample/DONE.json", "sample/samples.array_record", "dqo/DONE.json", "sft/DONE.json"]
+  for rel in files:
+    (tmp_path / "here" / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "here" / rel).write_text("{}")
+  here = Workdir(str(tmp_path / "here"), "gs://runs/redo")
+  here.push()
+  # Orbax's checkpoints are only at the URL.
+  epath.Path("gs://runs/redo/dqo/checkpoints/10/x").write_text("c")
+  assert redo.redo(get_config("tiny"), here, ["sample"]) == ["sample", "dqo"]
+  assert _names(store, "redo/") == ["sft/DONE.json"]
+  there = Workdir(str(tmp_path / "there"), "gs://runs/redo")
+  assert there.pull() == 1

@@ -12,7 +12,7 @@ from dqo_jax.errors import UserError
 from dqo_jax.rewards import grade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
+GSM8K = os.path.join(ROOT, "data", "gsm8k")
 GOLD = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
     "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
@@ -45,14 +45,12 @@ def _rows(path, n):
 
 @pytest.fixture
 def small_gsm8k(tmp_path):
-  """The first 40 train and 12 test records of the shared copy, in a directory of their own."""
-  if not os.path.isfile(os.path.join(SHARED, "train.jsonl")):
-    pytest.skip(f"{SHARED} is absent (the shared GSM8K data is not checked out)")
+  """The first 40 train and 12 test records of data/gsm8k, in a directory of their own."""
   src = tmp_path / "gsm8k_src"
   src.mkdir()
   rows = {}
   for split, n in (("train", 40), ("test", 12)):
-    rows[split] = _rows(os.path.join(SHARED, f"{split}.jsonl"), n)
+    rows[split] = _rows(os.path.join(GSM8K, f"{split}.jsonl"), n)
     (src / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[split]))
   return src, rows
 

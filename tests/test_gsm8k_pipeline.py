@@ -1,17 +1,16 @@
-"""`python -m dqo_jax.main --config=configs/gsm8k.py:tiny` end to end on the real GSM8K files of
-../shared/data/gsm8k, offline; and the one-line errors of GSM8K/MATH runs missing their inputs."""
+"""`python -m dqo_jax.main --config=configs/gsm8k.py:tiny` end to end on the repository's copy
+of the official GSM8K files (data/gsm8k), offline; and the one-line errors of GSM8K/MATH runs
+missing their inputs."""
 
 import json
 import os
 import subprocess
 import sys
 
-import pytest
-
 from dqo_jax.data.offline import FIELDS, read_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
+GSM8K = os.path.join(ROOT, "data", "gsm8k")
 
 
 def _run(config, workdir, *overrides, timeout=600):
@@ -22,13 +21,11 @@ def _run(config, workdir, *overrides, timeout=600):
 
 
 def test_gsm8k_tiny_runs_every_stage(tmp_path):
-  if not os.path.isfile(os.path.join(SHARED, "train.jsonl")):
-    pytest.skip(f"{SHARED} is absent (the shared GSM8K data is not checked out)")
   proc = _run("configs/gsm8k.py:tiny", tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "[setup] " in proc.stdout and " / 32 test problems" in proc.stdout
   config = json.loads((tmp_path / "config.json").read_text())
-  assert config["data"]["task"] == "gsm8k" and os.path.samefile(config["data"]["local_dir"], SHARED)
+  assert config["data"]["task"] == "gsm8k" and os.path.samefile(config["data"]["local_dir"], GSM8K)
   # Prepared from the local files by the array_record builder, tokenizer beside it.
   (prepared,) = (tmp_path / "data" / "gsm8k_local").iterdir()
   files = os.listdir(prepared / "1.0.0")

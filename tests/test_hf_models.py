@@ -212,32 +212,62 @@ def llama_dir(tmp_path):
   return tmp_path / "m"
 
 
-def _error(capsys, *argv):
-  assert convert.main([*argv, "--to", "/tmp/unused_dqo_convert_out"]) == 2
+def _error(capsys, out, *argv):
+  assert convert.main([*argv, "--to", str(out)]) == 2
   err = capsys.readouterr().err.strip()
   assert "\n" not in err
   return err
 
 
 def test_missing_or_incomplete_directories_give_one_line_errors(llama_dir, tmp_path, capsys):
-  assert "no such directory" in _error(capsys, "--from_hf", str(tmp_path / "nope"))
+  out = tmp_path / "out"
+  assert "no such directory" in _error(capsys, out, "--from_hf", str(tmp_path / "nope"))
   (tmp_path / "empty").mkdir()
-  assert "no config.json" in _error(capsys, "--from_hf", str(tmp_path / "empty"))
+  assert "no config.json" in _error(capsys, out, "--from_hf", str(tmp_path / "empty"))
   index = json.loads((llama_dir / "model.safetensors.index.json").read_text())
   shard = sorted(set(index["weight_map"].values()))[-1]
   data = (llama_dir / shard).read_bytes()
   (llama_dir / shard).unlink()
-  err = _error(capsys, "--from_hf", str(llama_dir))
+  err = _error(capsys, out, "--from_hf", str(llama_dir))
   assert "missing 1 of" in err and shard in err
   (llama_dir / shard).write_bytes(data)
   gone = "model.layers.1.mlp.up_proj.weight"
   del index["weight_map"][gone]
   (llama_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-  assert "lacks 1 tensors: " + gone in _error(capsys, "--from_hf", str(llama_dir))
-  assert "no model_config.json" in _error(capsys, "--from", str(tmp_path / "empty"), "--to_hf", "x")
+  assert "lacks 1 tensors: " + gone in _error(capsys, out, "--from_hf", str(llama_dir))
+  empty = str(tmp_path / "empty")
+  assert "no model_config.json" in _error(capsys, out, "--from", empty, "--to_hf", str(out))
   config = json.loads((llama_dir / "config.json").read_text()) | {"model_type": "mixtral"}
   (llama_dir / "config.json").write_text(json.dumps(config))
-  assert "model_type='mixtral' is not supported" in _error(capsys, "--from_hf", str(llama_dir))
+  err = _error(capsys, out, "--from_hf", str(llama_dir))
+  assert "model_type='mixtral' is not supported" in err
+
+
+def test_export_refuses_a_non_empty_directory_and_overwrite_replaces_the_weights(
+    llama_dir, tmp_path, capsys
+):
+  """A sharded export over a single-file one used to keep both, and transformers loaded the
+  old model.safetensors."""
+  other = _hf_model("llama")
+  with torch.no_grad():
+    other.lm_head.weight.add_(1.0)
+  other.save_pretrained(tmp_path / "other", safe_serialization=True)
+  back = tmp_path / "back"
+  for src, ours in ((llama_dir, "ours"), (tmp_path / "other", "ours_other")):
+    assert convert.main(["--from_hf", str(src), "--to", str(tmp_path / ours)]) == 0
+  export = lambda ours, *extra: convert.main(
+      ["--from", str(tmp_path / ours), "--to_hf", str(back), "--dtype", "float32", *extra]
+  )
+  assert export("ours") == 0 and (back / "model.safetensors").exists()
+  capsys.readouterr()
+  sharded = ("--max_shard_gb", str(40_000 / (1 << 30)))
+  assert export("ours_other", *sharded) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "is not empty" in err and "--overwrite" in err
+  assert export("ours_other", *sharded, "--overwrite") == 0
+  assert not (back / "model.safetensors").exists()
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(back, attn_implementation="eager")
+  assert torch.equal(reloaded.lm_head.weight, other.lm_head.weight)
 
 
 def test_config_model_path_gives_the_stages_the_pretrained_policy(llama_dir, tmp_path):

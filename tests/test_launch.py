@@ -469,7 +469,7 @@ def test_help(env, script):
 
 def test_shellcheck_is_clean():
   if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (apt-get install shellcheck; .ci/run does)")
+    pytest.skip("shellcheck is not installed (apt-get install shellcheck: see the README)")
   scripts = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")))
   assert len(scripts) == len(SCRIPTS) + 1  # and common.sh
   # It does catch a mistake here: an unquoted variable.

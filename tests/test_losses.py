@@ -1,4 +1,4 @@
-"""Tests for dqo_jax.losses against docs/dqo-method.md.
+"""Tests for dqo_jax.losses against docs/method.md.
 
 Everything runs with jax_enable_x64 so that the implementation can be held to
 float64 references at ~1e-9; float32 round-off would hide index and sign bugs

@@ -1,4 +1,4 @@
-"""MATH from a local copy, in both layouts, on the made-up fixtures of tests/fixtures/."""
+"""MATH from a local copy, in both layouts, on the made-up problems of data/math_made_up/."""
 
 import json
 import os
@@ -11,7 +11,8 @@ from dqo_jax.data import math_tfds, tasks
 from dqo_jax.errors import UserError
 from dqo_jax.rewards import grade
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "data", "math_made_up")
 HENDRYCKS = os.path.join(FIXTURES, "math_hendrycks")
 MATH500 = os.path.join(FIXTURES, "math500")
 FIELDS = {"problem", "solution", "answer", "level", "subject", "unique_id"}

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dqo_jax.data.offline import FIELDS, read_records
+from dqo_jax.data.offline import FIELDS, read_records, write_records
 
 from tiny_run import ROOT
 from tiny_run import command as _cmd
@@ -38,6 +38,11 @@ def test_every_stage_writes_its_outputs(finished):
   for stage in STAGE_DIRS:
     assert os.path.exists(workdir / stage / "DONE.json"), stage
   assert not os.path.exists(workdir / "rollouts"), "rollouts are only for process supervision"
+  # Monitored while training: validation accuracy, and the objective of fresh samples on
+  # training and validation prompts; never the test split.
+  monitored = json.loads((workdir / "dqo" / "DONE.json").read_text())["summary"]["final_metrics"]
+  assert {"val_accuracy", "train_prompts_objective", "val_objective"} <= monitored.keys()
+  assert "accuracy" not in monitored
   for stage in ("sft", "dqo"):
     steps = [d for d in os.listdir(workdir / stage / "checkpoints") if d.isdigit()]
     assert str({"sft": 20, "dqo": 10}[stage]) in steps
@@ -51,11 +56,27 @@ def test_every_stage_writes_its_outputs(finished):
   results = json.loads((workdir / "results.json").read_text())
   assert set(results) == {"sft", "dqo"}
   for r in results.values():
+    assert r["skipped_updates"] == 0
     assert 0.0 <= r["accuracy"] <= 1.0 and set(r["by_steps"]) <= {"2", "3", "4", "5"}
     s = r["sampled"]
     assert s["k"] == 4 and 0.0 <= s["accuracy"] <= s["pass_at_k"] <= 1.0
     assert s["maj_at_k"] <= s["pass_at_k"]
+    assert r["validation"]["n"] == 31  # 32 held out, one longer than the limits
+    for o in r["objective"].values():
+      assert abs(o["objective"] - (o["reward"] - 0.5 * o["kl"])) < 1e-6
+  # The SFT policy is pi_ref: the log-ratio of every sampled token is 0 exactly.
+  assert results["sft"]["objective"]["train"]["kl"] == 0.0
+  assert results["dqo"]["objective"]["train"]["kl"] != 0.0
   assert "Accuracy on the test split" in proc.stdout and "maj@4" in proc.stdout
+  assert "obj train" in proc.stdout
+
+
+def test_output_to_a_file_is_lines_without_progress_bar_redraws(finished):
+  _, proc = finished  # stdout and stderr are pipes, as a log file is: not terminals
+  log = proc.stdout + proc.stderr
+  assert "\r" not in log and "\x1b[" not in log
+  for stage in ("sft", "sample", "dqo", "eval/dqo"):
+    assert f"[{stage}] done in " in log
 
 
 def test_rerun_skips_finished_stages(finished):
@@ -125,6 +146,80 @@ def test_bad_config_gets_one_line_error(tmp_path, override, expected):
   assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
+def test_a_run_that_fails_its_checks_leaves_config_json_as_it_was(finished):
+  """A `train.batch_size=-8` run used to replace config.json (and fail with a traceback); the
+  next normal run then warned about a change that never trained."""
+  workdir, _ = finished
+  before = (workdir / "config.json").read_bytes()
+  proc = _run(workdir, "--config.train.batch_size=-8")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "error: config.train.batch_size=-8 must be a positive number of rows"
+  ]
+  assert (workdir / "config.json").read_bytes() == before
+
+
+def _hostile_copy(finished, tmp_path, change):
+  """The finished workdir's SFT model and samples, with `change(record, index)` applied to
+  every offline sample."""
+  import shutil
+
+  workdir = tmp_path / "hostile"
+  shutil.copytree(finished[0], workdir)
+  path = str(workdir / "sample" / "samples.array_record")
+  records = read_records(path)
+  for i, r in enumerate(records):
+    change(r, i)
+  write_records(path, records)
+  return workdir
+
+
+def _error_line(proc):
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  return errors[0]
+
+
+def test_a_run_stopped_by_the_nonfinite_guard_is_not_made_done_by_a_rerun(finished, tmp_path):
+  """NaN log-probs in every sample make every DQO step non-finite (as token ids past the
+  vocabulary did before they were refused on reading). The guard stopped the run, but rerunning
+  the same command used to resume, write DONE and evaluate the SFT policy as DQO."""
+
+  def nan_logprobs(record, i):
+    record["ref_logprobs"] = [float("nan")] * len(record["response"])
+
+  workdir = _hostile_copy(finished, tmp_path, nan_logprobs)
+  settings = ("--config.stages=train,eval", "--config.train.steps=3")
+  settings += ("--config.train.max_consecutive_nonfinite=2",)
+  proc = _run(workdir, *settings, "--redo=train")
+  assert "[redo] removed the outputs of dqo, eval/dqo" in proc.stdout
+  line = _error_line(proc)
+  assert "[dqo] steps 1-2 of 3 all had a non-finite loss or gradient" in line
+  assert "--redo=train starts the stage over" in line
+  line = _error_line(_run(workdir, *settings))  # the same command, again
+  assert "[dqo] an earlier run stopped: steps 1-2 of 3 all had a non-finite" in line
+  assert "with --redo=train" in line
+  assert not os.path.exists(workdir / "dqo" / "DONE.json")
+  assert not os.path.exists(workdir / "eval" / "dqo" / "result.json")
+
+
+def test_a_run_whose_final_metrics_are_nan_fails_saying_how_many_updates_were_skipped(
+    finished, tmp_path
+):
+  """8 of 64 samples with NaN log-probs used to give rc=0 and a NaN summary."""
+
+  def some_nan_logprobs(record, i):
+    if i % 8 == 0:
+      record["ref_logprobs"] = [float("nan")] * len(record["response"])
+
+  workdir = _hostile_copy(finished, tmp_path, some_nan_logprobs)
+  proc = _run(workdir, "--config.stages=train", "--config.train.steps=4", "--redo=train")
+  line = _error_line(proc)
+  assert "of 4 updates were skipped as non-finite and the final metrics are not finite" in line
+  assert not os.path.exists(workdir / "dqo" / "DONE.json")
 
 
 def test_config_json_of_an_older_version_gets_one_line_error(finished, tmp_path):
@@ -202,13 +297,16 @@ def test_compare_trains_each_method_on_the_shared_base(tmp_path):
       sys.executable,
       "-m",
       "dqo_jax.compare",
-      "--config=configs/arith.py:tiny",
-      f"--workdir={tmp_path}",
+      f"--config={os.path.join(ROOT, 'configs', 'arith.py')}:tiny",
+      "--workdir=cmp",
       "--methods=sft,dro",
       "--seeds=2",
       "--parallel=2",
   ]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  # Outside the repository, with a relative workdir: nothing may depend on the working directory.
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  tmp_path = tmp_path / "cmp"
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
   assert set(summary) == {"sft", "dro"} and all(r["seeds"] == 2 for r in summary.values())

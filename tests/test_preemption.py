@@ -268,6 +268,20 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_pat
   assert skipped == [0, 1, 0, 0, 1, 1, 1]
 
 
+def test_a_resumed_run_counts_the_skipped_updates_of_the_runs_before_it(tmp_path, monkeypatch):
+  """The summary's skipped_updates (what results.json reports) used to count only the steps of
+  the last run."""
+  init_fn, step_fn = _scaled_dqo_setup()
+  batch_at = lambda i: dict(_batch_at(i), scale=np.full(16, np.nan if i == 1 else 1.0, np.float32))
+  train = lambda: _train(tmp_path, 6, 2, init_fn=init_fn, step_fn=step_fn, batch_at=batch_at)
+  with monkeypatch.context() as patch:
+    patch.setattr(Checkpoints, "reached_preemption", lambda self, step: step == 4)
+    with pytest.raises(Interrupted):
+      train()
+  _, summary = train()
+  assert summary["resumed_from"] == 4 and summary["skipped_updates"] == 1
+
+
 def test_a_preemption_notice_saves_the_step_and_stops(tmp_path, monkeypatch):
   """JAX's preemption service needs several hosts; here its answer is stubbed."""
   monkeypatch.setattr(Checkpoints, "reached_preemption", lambda self, step: step == 3)

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
+from dqo_jax.rewards import __main__ as rewards_cli
 from dqo_jax.rewards import grade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOLUTIONS = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "example_model_solutions.jsonl")
+SOLUTIONS = os.path.join(ROOT, "data", "gsm8k", "example_model_solutions.jsonl")
 REFERENCE = "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18"
 
 
@@ -90,8 +91,6 @@ def test_bad_reference():
 
 
 def _labelled_solutions():
-  if not os.path.exists(SOLUTIONS):
-    pytest.skip(f"{SOLUTIONS} is absent (the shared GSM8K data is not checked out)")
   with open(SOLUTIONS, encoding="utf-8") as file:
     rows = [json.loads(line) for line in file]
   return [
@@ -131,13 +130,37 @@ def test_cli(tmp_path):
       (7, True, "18"),
       (None, False, "17"),
   ]
-  samples.write_text('{"response": "A: 1"}\n{oops\n')
-  failed = subprocess.run(
-      command + ["--input", str(samples), "--output", str(tmp_path / "x.jsonl")],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-  )
-  assert failed.returncode == 2
-  assert failed.stderr.count("\n") == 1 and "samples.jsonl:1" in failed.stderr
-  assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_grades_the_good_lines_and_reports_the_bad_ones(tmp_path, capsys):
+  """One bad line (JSON, UTF-8, a missing field) used to reject the whole file."""
+  samples = tmp_path / "samples.jsonl"
+  good = json.dumps({"response": "A: 18", "reference": "18"}).encode()
+  samples.write_bytes(b"\n".join([good, b"{oops", b"\xff\xfe", b'{"response": "A: 1"}', good]))
+  output = tmp_path / "graded.jsonl"
+  argv = ["--task", "gsm8k", "--input", str(samples), "--output", str(output)]
+  assert rewards_cli.main(argv) == 0
+  graded = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [(g.get("line"), g["correct"]) for g in graded] == [
+      (None, True),
+      (2, False),
+      (3, False),
+      (4, False),
+      (None, True),
+  ]
+  assert "invalid UTF-8" in graded[2]["reason"] and "'reference'" in graded[3]["reason"]
+  err = capsys.readouterr().err.splitlines()
+  assert [l.split(":")[2] for l in err] == ["2", "3", "4"]
+  assert rewards_cli.main(argv + ["--skip_bad"]) == 0
+  assert len(output.read_text().splitlines()) == 2
+
+
+def test_cli_checks_the_output_directory_before_grading(tmp_path, capsys, monkeypatch):
+  samples = tmp_path / "samples.jsonl"
+  samples.write_text(json.dumps({"response": "A: 18", "reference": "18"}) + "\n")
+  graded = []
+  monkeypatch.setattr(rewards_cli, "grade_batch", lambda *a, **k: graded.append(1) or [])
+  missing = tmp_path / "no_such_dir" / "graded.jsonl"
+  assert rewards_cli.main(["--task", "gsm8k", "--input", str(samples), "--output", str(missing)])
+  (line,) = capsys.readouterr().err.splitlines()
+  assert "no_such_dir" in line and "create the directory" in line and not graded

@@ -159,6 +159,14 @@ def test_reference_is_full_solution_or_bare_answer():
 def test_no_answer():
   result = grade("math", "the answer is 5", "5")
   assert (result.correct, result.predicted) == (False, None)
+  assert result.reason == "no \\boxed{} answer"
+
+
+@pytest.mark.parametrize("response", ["so \\boxed{3", "so \\boxed{ }", "\\fbox{}"])
+def test_a_box_that_cannot_be_read_says_so(response):
+  result = grade("math", response, "3")
+  assert (result.correct, result.predicted) == (False, None)
+  assert "cannot be read" in result.reason
 
 
 def test_batch_matches_single():

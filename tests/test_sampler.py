@@ -191,3 +191,51 @@ def test_sampling_sharded_over_the_data_axes_gives_the_unsharded_tokens():
   assert split.tokens.sharding.spec[0] == sharding.BATCH
   for a, b in zip(single, split):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+class _TwoStopTokenizer:
+  """A chat model's tokenizer in miniature: `eos_id` (end of turn) and a second stop id (end of
+  text). Its text is the number of non-special tokens as a GSM8K answer, so a grade shows
+  where the text was cut."""
+
+  vocab_size, bos_id, pad_id, add_bos = CFG.vocab_size, 1, PAD, True
+
+  def __init__(self, eos_id, other_stop):
+    self.eos_id, self.stop_ids = eos_id, (eos_id, other_stop)
+
+  def decode(self, ids):
+    return f"#### {sum(int(i) not in (PAD, *self.stop_ids) for i in ids)}"
+
+
+def test_every_stop_id_ends_a_row_and_the_reward_sees_the_text_up_to_it():
+  """`Tokenizer.stop_ids` used to stop nothing: generation passed only `eos_id`, so a model that
+  ended on its other stop id ran to the length limit and got the unparseable reward."""
+  from types import SimpleNamespace
+
+  from dqo_jax.generation import generate_all, grade_samples
+
+  model, params, prompt, mask = _setup()
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  run = lambda tok: generate_all(
+      model,
+      params,
+      prompt,
+      mask,
+      jax.random.key(3),
+      tok=tok,
+      mesh=mesh,
+      batch_size=2,
+      max_new_tokens=8,
+  )
+  free = run(_TwoStopTokenizer(EOS, EOS))
+  row = np.asarray(free.tokens[0, : free.lengths[0]])
+  # The first token of row 0 that it had not sampled before becomes the second stop id.
+  k = next(k for k in range(1, len(row)) if row[k] not in row[:k] and row[k] != EOS)
+  tok = _TwoStopTokenizer(EOS, int(row[k]))
+  samples = run(tok)  # the same key: the same draws up to the stop
+  assert int(samples.lengths[0]) == k + 1 and samples.finish[0] == FINISH_EOS
+  np.testing.assert_array_equal(samples.tokens[0, : k + 1], row[: k + 1])
+  assert np.all(samples.tokens[0, k + 1 :] == PAD)
+  rewards_cfg = SimpleNamespace(correct=1.0, incorrect=0.0, unparseable=-1.0)
+  texts, grades, reward = grade_samples("gsm8k", tok, samples, [f"#### {k}"] * 2, rewards_cfg)
+  assert texts[0] == f"#### {k}" and grades[0].correct and reward[0] == 1.0

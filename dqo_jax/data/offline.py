@@ -16,6 +16,7 @@ from array_record.python import array_record_module
 
 from dqo_jax.data.batches import left_pad, right_pad
 from dqo_jax.distributed import is_writer
+from dqo_jax.errors import UserError
 
 FIELDS = (
     "prompt_index",
@@ -47,26 +48,61 @@ def write_records(path: str, records: list[dict], fields=FIELDS) -> None:
   os.replace(tmp, path)
 
 
-def read_records(path: str, stage: str = "sample") -> list[dict]:
+def read_records(path: str, stage: str = "sample", fields=()) -> list[dict]:
+  """The records `stage` wrote to `path`; UserError, naming the file and the fix, for a file
+  that is missing, unreadable, or holds a record without one of `fields`."""
+  redo = f"run the {stage!r} stage again with --redo={stage}"
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: run the {stage!r} stage first")
-  reader = array_record_module.ArrayRecordReader(path)
+    if os.path.exists(os.path.join(os.path.dirname(path), "DONE.json")):
+      raise UserError(f"{path} not found, although the {stage!r} stage is marked done; {redo}")
+    raise UserError(f"{path} not found: run the {stage!r} stage first")
   try:
-    return [json.loads(r) for r in reader.read_all()]
-  finally:
-    reader.close()
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      raw = reader.read_all()
+    finally:
+      reader.close()
+  except RuntimeError as e:  # array_record's error for an empty, truncated or corrupted file
+    raise UserError(f"{path} is damaged ({str(e).splitlines()[0][:120]}); {redo}") from None
+  records = []
+  for i, r in enumerate(raw):
+    try:
+      rec = json.loads(r)
+    except ValueError:  # invalid JSON or UTF-8
+      rec = None
+    if not isinstance(rec, dict):
+      raise UserError(f"{path}: record {i} is not a JSON object; {redo}")
+    missing = sorted(set(fields) - rec.keys())
+    if missing:
+      raise UserError(f"{path}: record {i} lacks {', '.join(missing)}; {redo}")
+    records.append(rec)
+  return records
 
 
 def to_arrays(
-    records: list[dict], max_prompt_len: int, max_response_len: int, pad_id: int
+    records: list[dict],
+    max_prompt_len: int,
+    max_response_len: int,
+    pad_id: int,
+    vocab_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-  """The DQO training arrays in the batch layout of `dqo_jax.data.batches`."""
-  for r in records:
-    if len(r["prompt"]) > max_prompt_len or len(r["response"]) > max_response_len:
-      raise ValueError(
-          "an offline sample is longer than data.max_prompt_len/max_response_len; "
-          "sample again with the same limits the training stage uses"
+  """The DQO training arrays in the batch layout of `dqo_jax.data.batches`; with `vocab_size`,
+  UserError for a token id outside the model's vocabulary (it would make every loss NaN)."""
+  for i, r in enumerate(records):
+    ids = r["prompt"] + r["response"]
+    if vocab_size is not None and ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+      bad = next(t for t in ids if not 0 <= t < vocab_size)
+      raise UserError(
+          f"offline record {i}: token id {bad} is outside the model's vocabulary of {vocab_size}; "
+          "the samples come from another tokenizer or model: --redo=sample"
       )
+    if len(r["prompt"]) > max_prompt_len or len(r["response"]) > max_response_len:
+      raise UserError(
+          "an offline sample is longer than data.max_prompt_len/max_response_len; "
+          "sample again with the same limits the training stage uses (--redo=sample)"
+      )
+    if isinstance(r["reward"], bool) or not isinstance(r["reward"], (int, float)):
+      raise UserError(f"offline record {i}: reward={r['reward']!r} is not a number; --redo=sample")
   prompt, prompt_mask = left_pad([r["prompt"] for r in records], max_prompt_len, pad_id)
   response, response_len = right_pad([r["response"] for r in records], max_response_len, pad_id)
   floats = lambda key: right_pad_floats([r[key] for r in records], max_response_len)

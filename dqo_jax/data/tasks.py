@@ -16,6 +16,9 @@ plus task-specific fields:
 
 `config.data.num_train` / `num_test` cap GSM8K and MATH (-1 = all), keeping the first examples
 in the prepared dataset's fixed order; for arith they are the generated sizes.
+`config.data.num_validation` examples are then held out from the end of train as the
+`validation` split: every choice (steps, hyperparameters, the shipped variant) and every number
+logged while training is measured there, so that the test split is read once per reported number.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ __all__ = ["TASKS", "Task", "check_model_path", "load_task", "load_tokenizer"]
 @dataclasses.dataclass
 class Task:
   name: str
-  splits: dict[str, list[dict]]  # "train" and "test"
+  splits: dict[str, list[dict]]  # "train", "test" and, when held out, "validation"
   tokenizer_texts: Callable[[], list[str]]  # the corpus a tokenizer for this data is trained on
   tokenizer_dir: str  # where that tokenizer is cached: beside the prepared data
 
@@ -124,10 +127,25 @@ def load_task(config, workdir: str) -> Task:
   except KeyError:
     raise UserError(f"config.data.task={config.data.task!r}; choose from {sorted(TASKS)}") from None
   task = loader(config, workdir)
+  _hold_out_validation(task, config.data.get("num_validation", 0))
   for split, examples in task.splits.items():
     if not examples:
       raise UserError(f"{task.name}: the {split} split is empty; check config.data")
   return task
+
+
+def _hold_out_validation(task: Task, n: int) -> None:
+  """Moves the last `n` train examples to `task.splits["validation"]`, in place (the tokenizer
+  corpus, read lazily from the train split, then excludes them too)."""
+  if n <= 0:
+    return
+  train = task.splits["train"]
+  if n >= len(train):
+    raise UserError(
+        f"config.data.num_validation={n} leaves no training examples of {len(train)}; "
+        "lower it or raise config.data.num_train"
+    )
+  task.splits["train"], task.splits["validation"] = train[:-n], train[-n:]
 
 
 def load_tokenizer(config, task: Task) -> Tokenizer:

@@ -6,7 +6,7 @@ helper here runs in time linear in a capped prefix of its input.
 
 from __future__ import annotations
 
-__all__ = ["MAX_RESPONSE_CHARS", "last_boxed"]
+__all__ = ["MAX_RESPONSE_CHARS", "has_box", "last_boxed"]
 
 # Real responses are bounded by the generation budget (a few thousand tokens);
 # anything longer is degenerate, so only its tail is examined (the final answer
@@ -15,6 +15,12 @@ MAX_RESPONSE_CHARS = 1 << 16
 # Longer than any legitimate boxed answer; bounds the brace scan.
 _MAX_BOXED_CHARS = 4096
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def has_box(text: str) -> bool:
+  """Whether the examined tail of `text` holds a `\\boxed` / `\\fbox` command at all."""
+  tail = text[-MAX_RESPONSE_CHARS:]
+  return any(command in tail for command in _BOX_COMMANDS)
 
 
 def last_boxed(text: str) -> str | None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 from dqo_jax.rewards import _pool
-from dqo_jax.rewards._latex import last_boxed
+from dqo_jax.rewards._latex import has_box, last_boxed
 
 __all__ = ["DEFAULT_TIMEOUT", "check", "check_many", "extract_answer", "normalize"]
 
@@ -169,7 +169,12 @@ def check_many(
     gold = _reference_answer(reference)
     predicted = extract_answer(response)
     if predicted is None:
-      results.append((False, None, "no \\boxed{} answer"))
+      reason = (
+          "a \\boxed{} answer that cannot be read (empty or unbalanced braces)"
+          if has_box(response)
+          else "no \\boxed{} answer"
+      )
+      results.append((False, None, reason))
       continue
     verdict = _fast_verdict(gold, predicted)
     if verdict is None:

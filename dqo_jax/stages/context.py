@@ -14,6 +14,7 @@ from dqo_jax import convert, sharding
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import prompts, tasks
 from dqo_jax.data.batches import Encoded, encode_examples
+from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
 from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train.loop import abstract_state
@@ -52,6 +53,11 @@ class Context:
   mesh: object
   # The run's workdir when it has a URL: checkpoints live there, files are copied to it.
   remote: Workdir | None = None
+  # Held out from train (`config.data.num_validation`): what is monitored and chosen on.
+  validation: Encoded | None = None
+
+  def split(self, name: str) -> Encoded:
+    return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
   @property
   def rules(self):
@@ -108,7 +114,15 @@ class Context:
 
   def sft_params(self):
     """The SFT policy: the reference policy and DQO's starting point."""
-    return restore_params(self.checkpoint_dir("sft"), self.sft_abstract_state()).params
+    try:
+      return restore_params(self.checkpoint_dir("sft"), self.sft_abstract_state()).params
+    except FileNotFoundError:
+      if not os.path.exists(os.path.join(self.workdir, "sft", "DONE.json")):
+        raise
+      raise UserError(
+          f"no checkpoint in {self.checkpoint_dir('sft')}, although the 'sft' stage is marked "
+          "done; run it again with --redo=sft"
+      ) from None
 
   def value_params_from(self, policy_params, rng):
     """The value model: the policy's trunk with a fresh (zero) scalar head, boxed."""
@@ -132,7 +146,7 @@ def build_context(config, workdir: Workdir) -> Context:
   render = prompts.make_renderer(config, tok, task.splits["train"])
   enc = {
       s: encode_examples(tok, task.splits[s], d.max_prompt_len, d.max_response_len, render)
-      for s in ("train", "test")
+      for s in task.splits
   }
   for s, e in enc.items():
     if e.dropped:
@@ -142,4 +156,6 @@ def build_context(config, workdir: Workdir) -> Context:
       )
   mesh = sharding.make_mesh(config.mesh)
   remote = workdir if workdir.url else None
-  return Context(config, workdir.path, tok, enc["train"], enc["test"], mesh, remote)
+  return Context(
+      config, workdir.path, tok, enc["train"], enc["test"], mesh, remote, enc.get("validation")
+  )

@@ -1,4 +1,6 @@
-"""Test accuracy: greedy (logged while a stage trains, and at eval) and from k samples."""
+"""Accuracy, greedy and from k samples, of a split; and the KL-regularised objective
+E[R] - beta KL(pi || pi_ref) of fresh samples. While a stage trains, only the train and
+validation splits are read (every `eval.every` steps); the eval stage reads test."""
 
 from __future__ import annotations
 
@@ -9,13 +11,21 @@ import numpy as np
 
 from dqo_jax.generation import accuracy_by_steps, generate_all, grade_samples
 from dqo_jax.stages.context import Context
+from dqo_jax.stages.sample import reference_logprobs
 
 
-def greedy_accuracy(ctx: Context, params, num_examples: int = -1, desc: str = "eval") -> dict:
-  """Greedy decoding accuracy on the first `num_examples` test problems (-1: all)."""
+def _first(ctx: Context, split: str, num_examples: int):
+  """The encoded split and how many of its first examples to use (-1: all)."""
+  enc = ctx.split(split)
+  return enc, len(enc) if num_examples < 0 else min(num_examples, len(enc))
+
+
+def greedy_accuracy(
+    ctx: Context, params, num_examples: int = -1, desc: str = "eval", split: str = "test"
+) -> dict:
+  """Greedy decoding accuracy on the first `num_examples` problems of `split` (-1: all)."""
   cfg = ctx.config
-  enc = ctx.test
-  n = len(enc) if num_examples < 0 else min(num_examples, len(enc))
+  enc, n = _first(ctx, split, num_examples)
   samples = generate_all(
       ctx.policy_model,
       params,
@@ -44,13 +54,14 @@ def majority_correct(grades) -> bool:
   return next(g.correct for g in grades if g.predicted == winner)
 
 
-def sampled_accuracy(ctx: Context, params, k: int, num_examples: int = -1, desc="sample") -> dict:
-  """k samples per test problem at the sampling temperature: the mean accuracy of a sample
-  (what DQO's KL-regularised objective rewards), pass@k and maj@k (majority vote over the
-  extracted answers, ties to the earliest; a sample without an answer casts no vote)."""
+def sampled_accuracy(
+    ctx: Context, params, k: int, num_examples: int = -1, desc="sample", split: str = "test"
+) -> dict:
+  """k samples per problem of `split` at the sampling temperature: the mean accuracy of a
+  sample (what DQO's KL-regularised objective rewards), pass@k and maj@k (majority vote over
+  the extracted answers, ties to the earliest; a sample without an answer casts no vote)."""
   cfg = ctx.config
-  enc = ctx.test
-  n = len(enc) if num_examples < 0 else min(num_examples, len(enc))
+  enc, n = _first(ctx, split, num_examples)
   rows = np.repeat(np.arange(n), k)
   samples = generate_all(
       ctx.policy_model,
@@ -78,17 +89,63 @@ def sampled_accuracy(ctx: Context, params, k: int, num_examples: int = -1, desc=
   )
 
 
-def accuracy_monitor(ctx: Context, params_of):
-  """An `on_log` hook for `fit`: every `eval.every` steps, accuracy on `eval.monitor_examples`."""
-  every, n = ctx.config.eval.every, ctx.config.eval.monitor_examples
+def sampled_objective(
+    ctx: Context, params, ref_params, split: str, num_examples: int, beta: float, rng
+) -> dict:
+  """One fresh temperature-1 sample y ~ pi(.|x) per problem of `split`: its mean reward E[R],
+  the Monte-Carlo KL(pi || pi_ref) = E[sum_t log pi(a_t|s_t) - log pi_ref(a_t|s_t)], and the
+  objective DQO maximises, E[R] - beta KL. Both log-probs come from the training forward pass."""
+  cfg = ctx.config
+  enc, n = _first(ctx, split, num_examples)
+  prompt, prompt_mask = enc.arrays["prompt"][:n], enc.arrays["prompt_mask"][:n]
+  samples = generate_all(
+      ctx.policy_model,
+      params,
+      prompt,
+      prompt_mask,
+      rng,
+      tok=ctx.tokenizer,
+      mesh=ctx.mesh,
+      batch_size=cfg.eval.batch_size,
+      max_new_tokens=cfg.data.max_response_len,
+      desc=f"objective {split}",
+  )
+  refs = [ex["solution"] for ex in enc.examples[:n]]
+  _, _, reward = grade_samples(cfg.data.task, ctx.tokenizer, samples, refs, cfg.rewards)
+  logp = [
+      reference_logprobs(
+          ctx, p, prompt, prompt_mask, samples.tokens, samples.lengths, cfg.eval.batch_size
+      )
+      for p in (params, ref_params)
+  ]
+  mask = np.arange(samples.tokens.shape[1])[None] < samples.lengths[:, None]
+  kl = float(np.mean(np.sum((logp[0] - logp[1]) * mask, axis=1)))
+  return dict(reward=float(np.mean(reward)), kl=kl, objective=float(np.mean(reward)) - beta * kl)
+
+
+def accuracy_monitor(ctx: Context, params_of, ref_params=None):
+  """An `on_log` hook for `fit`: every `eval.every` steps, greedy accuracy on the first
+  `eval.monitor_examples` validation problems; with `ref_params` (pi_ref, for the methods trained
+  from the SFT policy) also `sampled_objective` on as many training and validation prompts, whose
+  difference is the generalisation gap of what the method optimises."""
+  cfg = ctx.config
+  every, n = cfg.eval.every, cfg.eval.monitor_examples
+  beta = float(cfg.dqo.beta)
 
   def on_log(step: int, state) -> dict:
-    if not every or step % every:
+    if not every or step % every or ctx.validation is None:
       return {}
-    result = greedy_accuracy(ctx, params_of(state), n, desc="monitor")
-    return {
-        "accuracy": result["accuracy"],
-        **{f"accuracy_steps_{k}": v for k, v in result["by_steps"].items()},
+    params = params_of(state)
+    result = greedy_accuracy(ctx, params, n, desc="monitor", split="validation")
+    out = {
+        "val_accuracy": result["accuracy"],
+        **{f"val_accuracy_steps_{k}": v for k, v in result["by_steps"].items()},
     }
+    if ref_params is not None:
+      rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+      for split, key in (("train", "train_prompts"), ("validation", "val")):
+        o = sampled_objective(ctx, params, ref_params, split, n, beta, rng)
+        out.update({f"{key}_{name}": v for name, v in o.items()})
+    return out
 
   return on_log

@@ -1,5 +1,5 @@
 """Stage `rollouts`: Monte-Carlo estimates of the reference policy's success from every reasoning
-step of every offline sample, for DQO's process supervision (dqo-method.md).
+step of every offline sample, for DQO's process supervision (docs/method.md).
 
 A step ends at a token holding `dqo.process.delimiter`. From the bare prompt (p_0) and from each
 prefix ending at a delimiter (p_j), `rollouts_per_step` completions are sampled from pi_ref with
@@ -17,6 +17,7 @@ import numpy as np
 
 from dqo_jax import rewards
 from dqo_jax.data.batches import left_pad
+from dqo_jax.data.offline import FIELDS as SAMPLE_FIELDS
 from dqo_jax.data.offline import read_records, write_records
 from dqo_jax.data.views import is_success
 from dqo_jax.generation import generate_all
@@ -47,13 +48,14 @@ def delimiter_test(tok, delimiter: str):
 
 
 def read_potentials(ctx: Context) -> list[dict]:
-  return read_records(os.path.join(ctx.workdir, "rollouts", POTENTIALS_FILE), stage="rollouts")
+  path = os.path.join(ctx.workdir, "rollouts", POTENTIALS_FILE)
+  return read_records(path, stage="rollouts", fields=FIELDS)
 
 
 def run(ctx: Context) -> dict:
   cfg, tok = ctx.config, ctx.tokenizer
   ps, data = cfg.dqo.process, cfg.data
-  records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE))
+  records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE), fields=SAMPLE_FIELDS)
   is_delimiter = delimiter_test(tok, ps.delimiter)
   boundaries = [step_boundaries(r["response"], is_delimiter) for r in records]
 

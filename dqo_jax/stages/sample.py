@@ -7,15 +7,16 @@ with the training forward pass, so DQO never runs the reference model.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from dqo_jax import distributed, sharding
 from dqo_jax.data.offline import write_records
 from dqo_jax.generation import generate_all, grade_samples
+from dqo_jax.progress import tqdm
 from dqo_jax.sampler import FINISH_EOS
 from dqo_jax.stages.context import Context
 from dqo_jax.train.forward import response_logprobs
@@ -23,11 +24,17 @@ from dqo_jax.train.forward import response_logprobs
 SAMPLES_FILE = "samples.array_record"
 
 
+@functools.cache
+def _logprobs_fn(model):
+  # One compilation per model and batch shape, however often the monitor calls it.
+  return jax.jit(functools.partial(response_logprobs, model))
+
+
 def reference_logprobs(
     ctx: Context, params, prompt, prompt_mask, response, response_len, batch_size: int
 ):
   """log pi_ref of every response token, [N, R], with the training code's forward pass."""
-  fn = jax.jit(lambda p, b: response_logprobs(ctx.policy_model, p, b))
+  fn = _logprobs_fn(ctx.policy_model)
   n, out = prompt.shape[0], []
   for start in tqdm(range(0, n, batch_size), desc="reference log-probs", leave=False):
     idx = np.arange(start, start + batch_size) % n

@@ -25,7 +25,7 @@ from dqo_jax.data.batches import (
     cut_to_width,
     take,
 )
-from dqo_jax.data.offline import read_records, to_arrays
+from dqo_jax.data.offline import FIELDS, read_records, to_arrays
 from dqo_jax.stages.context import Context, rebox, run_name
 from dqo_jax.stages.monitor import accuracy_monitor
 from dqo_jax.stages.rollouts import read_potentials
@@ -126,8 +126,8 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
         ctx.policy_model, txs[0], policy_step.nll_objective, accum
     )
 
-  records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE))
-  arrays = offline_arrays(records, data, ctx.tokenizer.pad_id)
+  records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE), fields=FIELDS)
+  arrays = offline_arrays(records, data, ctx.tokenizer.pad_id, ctx.model_cfg.vocab_size)
   n = len(records)
   if method == "rft":
     rft = views.rft_arrays(records, arrays, ctx.train)
@@ -185,9 +185,13 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
   return View(_batches(arrays, n, t.batch_size, seed, buckets), n, {}), policy_value_step(ctx)
 
 
-def offline_arrays(records: list[dict], data_cfg, pad_id: int) -> dict[str, np.ndarray]:
+def offline_arrays(
+    records: list[dict], data_cfg, pad_id: int, vocab_size: int | None = None
+) -> dict[str, np.ndarray]:
   """The sample stage's records as the arrays every method's view draws its batches from."""
-  arrays = to_arrays(records, data_cfg.max_prompt_len, data_cfg.max_response_len, pad_id)
+  arrays = to_arrays(
+      records, data_cfg.max_prompt_len, data_cfg.max_response_len, pad_id, vocab_size
+  )
   arrays["correct"] = np.array([views.is_success(r) for r in records], np.float32)
   return arrays
 
@@ -225,7 +229,7 @@ def run(ctx: Context) -> dict:
       log_every=cfg.log_every,
       desc=name,
       init_args=(sft_params,),
-      on_log=accuracy_monitor(ctx, policy_of),
+      on_log=accuracy_monitor(ctx, policy_of, ref_params=sft_params),
       checkpoint_dir=ctx.checkpoint_dir(name),
       on_save=ctx.copy_up,
   )

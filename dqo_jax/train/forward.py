@@ -3,7 +3,7 @@
 A batch is a dict with `prompt` [B, P] and `prompt_mask` [B, P] (left padded), `response`
 [B, R] and `response_len` [B] (right padded). Outputs are response-aligned [B, R]: entry t belongs
 to response token a_t and is read at the position whose logits predict a_t, so that
-V(s_t) never sees a_t (dqo-method.md, "Index conventions").
+V(s_t) never sees a_t (docs/method.md, "Index conventions").
 """
 
 from __future__ import annotations

@@ -8,12 +8,15 @@ Checkpoints are saved asynchronously every `checkpoint.every` steps; SIGINT, SIG
 preemption notice finish the current step, save it, and stop with a message saying how to
 resume; kill -9 loses at most `checkpoint.every` steps. A step whose loss or gradient is not
 finite is skipped inside the step (`keep_if_finite`); after `max_nonfinite` skips in a row the
-run saves its state, which the skips left at the last good update, and stops.
+run saves its state, which the skips left at the last good update, and stops (NonFiniteStop),
+as does a run whose final metrics are not finite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import signal
 import time
@@ -21,16 +24,25 @@ from typing import Callable
 
 import jax
 from flax.linen import meta
-from tqdm import tqdm
 
 from dqo_jax import sharding
 from dqo_jax.checkpoint import Checkpoints
 from dqo_jax.errors import UserError
-from dqo_jax.metrics import ScalarWriter, mean_metrics
+from dqo_jax.metrics import ScalarWriter, mean_metrics, write_json_atomic
+from dqo_jax.progress import tqdm
 
 
 class Interrupted(Exception):
   """Training stopped by a signal after saving; rerunning the same command resumes."""
+
+
+class NonFiniteStop(UserError):
+  """Training stopped by the non-finite guard, or finished with non-finite final metrics, after
+  saving its last good state at `step`; `reason` says what happened in a few words."""
+
+  def __init__(self, message: str, *, step: int, reason: str):
+    super().__init__(message)
+    self.step, self.reason = step, reason
 
 
 @contextlib.contextmanager
@@ -89,6 +101,18 @@ def jit_step(step_fn: Callable, state_shardings, mesh, rules):
   )
 
 
+# {step: updates skipped as non-finite in steps 1..step} for the saved steps, so that a resumed
+# run counts the skips of the runs before it.
+SKIPPED_FILE = "skipped_updates.json"
+
+
+def _read_skipped(path: str) -> dict[str, int]:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def fit(
     *,
     stage_dir: str,
@@ -113,7 +137,8 @@ def fit(
 
   A fresh state is `init_fn(rng, *init_args)`; `on_log(step, state)` may add metrics, and
   `on_save()` runs after each checkpoint save. The step's metrics include `skipped_updates`
-  (1.0 when its update was skipped as non-finite).
+  (1.0 when its update was skipped as non-finite); the summary's counts every step from 0, those
+  of the runs this one resumed included (`<stage_dir>/skipped_updates.json`).
   With several processes each feeds only its devices' rows of `batch_at(step)` (the global
   batch), and only process 0 writes summaries.
   """
@@ -132,7 +157,9 @@ def fit(
   step_jit = jit_step(step_fn, shardings, mesh, rules)
   writer = ScalarWriter(stage_dir)
   history, last = [], {}
-  skipped, streak = 0, 0
+  skipped_file = os.path.join(stage_dir, SKIPPED_FILE)
+  skipped_at = _read_skipped(skipped_file) if start else {}
+  skipped, streak = skipped_at.get(str(start), 0), 0
   t0 = time.time()
   try:
     with _stop_requests() as stop, tqdm(
@@ -167,13 +194,21 @@ def fit(
         saved = ckpt.save(
             done, state, force=done == num_steps or bool(stop) or preempted or diverged
         )
+        if saved:
+          skipped_at[str(done)] = skipped
+          write_json_atomic(skipped_file, skipped_at)
         if saved and on_save is not None:
           on_save()
         if diverged:
-          raise UserError(
-              f"[{desc}] steps {done - streak + 1}-{done} of {num_steps} all had a non-finite "
-              f"loss or gradient and were skipped; the last good state is saved in "
-              f"{ckpt.step_dir(done)}; lower the learning rate or check the data, then rerun"
+          reason = (
+              f"steps {done - streak + 1}-{done} of {num_steps} all had a non-finite loss or "
+              f"gradient and were skipped"
+          )
+          raise NonFiniteStop(
+              f"[{desc}] {reason}; the last good state is saved in {ckpt.step_dir(done)}; "
+              "lower the learning rate or check the data",
+              step=done,
+              reason=reason,
           )
         if stop or preempted:
           cause = f"signal {stop[0]}" if stop else "a preemption notice"
@@ -184,6 +219,19 @@ def fit(
   finally:
     writer.close()
     ckpt.close()
+  nonfinite = [k for k, v in last.items() if not math.isfinite(v)]
+  if nonfinite:
+    names = ", ".join(nonfinite[:3]) + (f" and {len(nonfinite) - 3} more" if nonfinite[3:] else "")
+    reason = (
+        f"{skipped} of {num_steps} updates were skipped as non-finite and the final "
+        f"metrics are not finite ({names})"
+    )
+    raise NonFiniteStop(
+        f"[{desc}] {reason}; the state saved at step {num_steps} leaves the skipped updates "
+        "out; check the data or lower the learning rate",
+        step=num_steps,
+        reason=reason,
+    )
   summary = dict(
       steps=num_steps,
       resumed_from=start,

@@ -83,7 +83,7 @@ def make_policy_value_step(
 
 
 def dqo_objective(cfg, reward_cfg=None):
-  """DQO (dqo-method.md): cfg is `config.dqo`; `reward_cfg` (`config.rewards`) is needed only
+  """DQO (docs/method.md): cfg is `config.dqo`; `reward_cfg` (`config.rewards`) is needed only
   for process supervision's value targets."""
   beta, lam, norm = float(cfg.beta), float(cfg.lam), cfg.loss_norm
   ps = cfg.process
@@ -127,6 +127,13 @@ def dqo_objective(cfg, reward_cfg=None):
         advantage_std=jnp.sqrt(_masked_mean((advantage - adv_mean) ** 2, mask)),
         reward=jnp.mean(batch["reward"]),
     )
+    if ps.enabled:
+      # V(s_0) beside the rollouts' Monte-Carlo success rate p_0 of pi_ref from the bare prompt:
+      # where V stands against what the prompt is worth under pi_ref (under shaping V* is
+      # offset by -alpha p_0, and above p_0 by the soft improvement over pi_ref).
+      metrics.update(
+          prompt_value=jnp.mean(values[:, 0]), prompt_mc_success=jnp.mean(batch["potentials"][:, 0])
+      )
     return policy_loss, value_loss, metrics
 
   return objective
