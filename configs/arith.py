@@ -32,6 +32,10 @@ def get_config(arg: str = ""):
       # The last N generated train problems, held out: monitoring while training and every
       # choice of settings read this split, never test (dqo_jax/data/tasks.py).
       num_validation=500,
+      # The first N train problems keep their worked solutions (SFT, continued SFT, RFT's gold
+      # part); the sample stage draws its prompts from the rest, whose final answers alone are
+      # read, by the verifier (-1: gold solutions of all, prompts from all).
+      num_gold=-1,
       seed=1234,
       min_steps=2,
       max_steps=5,
@@ -95,6 +99,7 @@ def get_config(arg: str = ""):
       every=200,
       monitor_examples=250,
       samples_per_problem=4,
+      test=True,  # False: the eval stage scores validation only (dqo_jax.compare --split)
   )
 
   if arg == "tiny":  # the reduced end-to-end run of the test suite

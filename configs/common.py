@@ -118,6 +118,7 @@ def base_config():
       every=200,
       monitor_examples=128,
       samples_per_problem=0,
+      test=True,  # False: the eval stage scores validation only (dqo_jax.compare --split)
   )
   return c
 
@@ -134,6 +135,7 @@ def task_config(task, *, max_prompt_len, max_response_len, instruction, template
       # The last N train examples, held out: monitoring while training and every choice of
       # settings read this split, never test (dqo_jax/data/tasks.py).
       num_validation=500,
+      num_gold=-1,  # the first N train examples keep their solutions; see configs/arith.py
       max_prompt_len=max_prompt_len,
       max_response_len=max_response_len,
       prompt=dict(

@@ -288,9 +288,13 @@ def _run_stages(config, stages, wd, runners, redo_stages=()) -> dict:
   if os.path.exists(results_file):
     with open(results_file) as f:
       results = json.load(f)
+    shown, title = results, "Accuracy on the test split (val greedy: the validation split; obj"
+    if not config.eval.test:  # choosing settings: the table shows validation, test was not read
+      title = "Accuracy on the validation split (eval.test=False; obj"
+      shown = {n: dict(r["validation"], objective=r["objective"]) for n, r in results.items()}
     print(
-        "\nAccuracy on the test split (val greedy: the validation split; obj: E[R] - beta KL of"
-        " fresh samples on training and test prompts)\n" + evaluate.format_table(results)
+        f"\n{title}: E[R] - beta KL of fresh samples on training and held-out prompts)\n"
+        + evaluate.format_table(shown)
     )
     return results
   return {}

@@ -35,6 +35,7 @@ import numpy as np
 from dqo_jax import distributed
 from dqo_jax.errors import UserError
 from dqo_jax.workdir import LOCK_NAME
+
 LEASE_SECONDS = 120.0
 REFRESH_SECONDS = 20.0
 

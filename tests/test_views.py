@@ -34,6 +34,9 @@ def test_rft_keeps_correct_samples_with_new_equations_once_per_prompt():
       _rec(1, "2-0=2\n#### 2", True),  # same text, other prompt: kept
   ]
   assert views.rft_selection(records, gold) == [2, 6]
+  # Answers only (data.num_gold): no gold solution to compare with, so the first correct
+  # sample of prompt 0 is new too.
+  assert views.rft_selection(records, None) == [0, 2, 6]
 
 
 def test_dpo_pairs_every_correct_with_every_incorrect_then_caps_per_prompt():

@@ -62,6 +62,12 @@ class Encoded:
   def __len__(self):
     return len(self.examples)
 
+  def rows(self, start: int, stop: int | None = None) -> "Encoded":
+    """The examples [start, stop) as an Encoded of their own (`dropped` is the whole set's)."""
+    sl = slice(start, stop)
+    arrays = {k: v[sl] for k, v in self.arrays.items()}
+    return Encoded(arrays, self.examples[sl], self.dropped)
+
 
 def encode_examples(
     tok: Tokenizer,

@@ -41,15 +41,16 @@ def is_success(record: dict) -> bool:
   return bool(record["correct"]) and record["finish"] == "eos"
 
 
-def rft_selection(records: list[dict], gold: Encoded) -> list[int]:
-  """Indices of the correct samples whose equations differ from the gold solution's and from
-  every earlier kept sample's for the same prompt."""
+def rft_selection(records: list[dict], known: Encoded | None) -> list[int]:
+  """Indices of the correct samples whose equations differ from every earlier kept sample's for
+  the same prompt and, where `known` holds the sampled prompts' gold solutions (indexed by
+  `prompt_index`; None when only their answers are known), from the gold solution's."""
   seen = defaultdict(set)
   keep = []
   for i, r in enumerate(records):
     p = r["prompt_index"]
-    if not seen[p]:
-      seen[p].add(equations(gold.examples[p]["solution"]))
+    if not seen[p] and known is not None:
+      seen[p].add(equations(known.examples[p]["solution"]))
     key = equations(r["text"])
     if is_success(r) and key not in seen[p]:
       seen[p].add(key)
@@ -57,9 +58,12 @@ def rft_selection(records: list[dict], gold: Encoded) -> list[int]:
   return keep
 
 
-def rft_arrays(records: list[dict], sample_arrays: dict, gold: Encoded) -> dict[str, np.ndarray]:
-  """Gold solutions followed by the kept correct samples, in the token batch layout."""
-  keep = np.array(rft_selection(records, gold), np.int64)
+def rft_arrays(
+    records: list[dict], sample_arrays: dict, gold: Encoded, known: Encoded | None
+) -> dict[str, np.ndarray]:
+  """The gold solutions SFT read followed by the kept correct samples (`rft_selection`), in the
+  token batch layout."""
+  keep = np.array(rft_selection(records, known), np.int64)
   return {k: np.concatenate([gold.arrays[k], sample_arrays[k][keep]]) for k in TOKEN_KEYS}
 
 

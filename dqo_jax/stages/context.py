@@ -57,7 +57,31 @@ class Context:
   validation: Encoded | None = None
 
   def split(self, name: str) -> Encoded:
-    return {"train": self.train, "validation": self.validation, "test": self.test}[name]
+    """ "train" is the prompts the RL stages sample (`rl_prompts`), whose objective the monitor
+    and the eval stage measure."""
+    return {"train": self.rl_prompts, "validation": self.validation, "test": self.test}[name]
+
+  @property
+  def num_gold(self) -> int:
+    n = self.config.data.get("num_gold", -1)
+    return len(self.train) if n < 0 else n
+
+  @functools.cached_property
+  def gold(self) -> Encoded:
+    """The training problems whose worked solutions supervised training reads (SFT, continued
+    SFT, the gold part of RFT): the first `data.num_gold` (-1: all)."""
+    return self.train.rows(0, self.num_gold)
+
+  @functools.cached_property
+  def rl_prompts(self) -> Encoded:
+    """The training problems the sample stage draws prompts from: with `data.num_gold` set, the
+    rest of train, of which only the final answer is read (the reward); otherwise all of it."""
+    return self.train if self.num_gold == len(self.train) else self.train.rows(self.num_gold)
+
+  @property
+  def answers_only(self) -> bool:
+    """Whether the sampled prompts' worked solutions are unknown to training."""
+    return self.rl_prompts is not self.train
 
   @property
   def rules(self):
@@ -154,6 +178,13 @@ def build_context(config, workdir: Workdir) -> Context:
           f"[data] {s}: dropped {e.dropped} of {e.dropped + len(e)} examples longer than "
           f"data.max_prompt_len={d.max_prompt_len}/max_response_len={d.max_response_len}"
       )
+  num_gold = d.get("num_gold", -1)
+  if num_gold >= 0 and not 0 < num_gold < len(enc["train"]):
+    raise UserError(
+        f"config.data.num_gold={num_gold}: the gold subset needs at least one training problem "
+        f"and must leave some for the answers-only prompts ({len(enc['train'])} in train); set "
+        "it between 1 and that minus 1, or -1 for gold solutions of all"
+    )
   mesh = sharding.make_mesh(config.mesh)
   remote = workdir if workdir.url else None
   return Context(

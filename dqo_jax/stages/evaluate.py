@@ -36,27 +36,37 @@ def _evaluate(ctx: Context, name: str, params_fn, ref_params_fn) -> dict:
   """The figures of `name`, computed once per workdir and kept in DIR/eval/<name>/."""
   out_dir = os.path.join(ctx.workdir, "eval", name)
   path = os.path.join(out_dir, RESULT_FILE)
+  cfg = ctx.config
+  # eval.test=False (choosing settings, `dqo_jax.compare --split=validation`): test is not read.
+  held_out = "test" if cfg.eval.test else "validation"
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
-  cfg = ctx.config
+      cached = json.load(f)
+    if held_out == "validation" or "accuracy" in cached:  # else: evaluated without test
+      return cached
   params = params_fn()
-  result = _accuracies(ctx, params, name, "test")
+  if held_out == "validation" and ctx.validation is None:
+    raise UserError(
+        "eval.test=False evaluates on the validation split, but there is none; set "
+        "config.data.num_validation"
+    )
+  result = _accuracies(ctx, params, name, "test") if held_out == "test" else {}
   if ctx.validation is not None:
     result["validation"] = _accuracies(ctx, params, name, "validation")
-  n = cfg.eval.num_examples if cfg.eval.num_examples > 0 else len(ctx.test)
+  n = cfg.eval.num_examples if cfg.eval.num_examples > 0 else len(ctx.split(held_out))
   rng = jax.random.key(cfg.seed + 4)
   result["objective"] = {
       split: sampled_objective(ctx, params, ref_params_fn(), split, n, float(cfg.dqo.beta), rng)
-      for split in ("train", "test")
+      for split in ("train", held_out)
   }
   os.makedirs(out_dir, exist_ok=True)
   writer = ScalarWriter(out_dir)
+  scored = result if held_out == "test" else result["validation"]
   writer.write(
       0,
       {
-          "accuracy": result["accuracy"],
-          **{f"accuracy_steps_{k}": v for k, v in result["by_steps"].items()},
+          f"{'' if held_out == 'test' else 'val_'}accuracy": scored["accuracy"],
+          **{f"accuracy_steps_{k}": v for k, v in result.get("by_steps", {}).items()},
           **{f"sampled_{k}": v for k, v in result.get("sampled", {}).items() if k != "k"},
           **{f"{s}_{k}": v for s, o in result["objective"].items() for k, v in o.items()},
       },
@@ -104,10 +114,10 @@ def format_table(results: dict) -> str:
   """A plain-text table: one row per method, greedy test accuracy overall and per step count,
   the sampled figures, validation greedy accuracy and the objective E[R] - beta KL on training
   and test prompts, each where it was measured."""
-  steps = sorted({k for r in results.values() for k in r["by_steps"]}, key=int)
+  steps = sorted({k for r in results.values() for k in r.get("by_steps", {})}, key=int)
   k = next((r["sampled"]["k"] for r in results.values() if "sampled" in r), None)
-  columns = [("greedy", lambda r: r["accuracy"])]
-  columns += [(f"{s} steps", lambda r, s=s: r["by_steps"].get(s)) for s in steps]
+  columns = [("greedy", lambda r: r.get("accuracy"))]
+  columns += [(f"{s} steps", lambda r, s=s: r.get("by_steps", {}).get(s)) for s in steps]
   if k is not None:
     columns += [
         (label, lambda r, key=key: r.get("sampled", {}).get(key))
@@ -119,14 +129,18 @@ def format_table(results: dict) -> str:
     ]
   if any("validation" in r for r in results.values()):
     columns.append(("val greedy", lambda r: r.get("validation", {}).get("accuracy")))
-  if any("objective" in r for r in results.values()):
-    columns += [
-        (
-            f"obj {split}",
-            lambda r, split=split: r.get("objective", {}).get(split, {}).get("objective"),
-        )
-        for split in ("train", "test")
-    ]
+  objective_splits = [
+      s
+      for s in ("train", "validation", "test")
+      if any(s in r.get("objective", {}) for r in results.values())
+  ]
+  columns += [
+      (
+          f"obj {split}",
+          lambda r, split=split: r.get("objective", {}).get(split, {}).get("objective"),
+      )
+      for split in objective_splits
+  ]
   header = ["method"] + [label for label, _ in columns]
   fmt_value = lambda v: "-" if v is None else f"{v:.3f}"
   rows = [[name] + [fmt_value(get(r)) for _, get in columns] for name, r in results.items()]

@@ -95,7 +95,7 @@ def run(ctx: Context) -> dict:
     # The same length limit as the offline samples: prefix and completion together.
     fits.append(samples.finish[j] == FINISH_EOS and end + len(completion) <= data.max_response_len)
     texts.append(tok.decode(r["response"][:end] + completion))
-    references.append(ctx.train.examples[r["prompt_index"]]["solution"])
+    references.append(ctx.rl_prompts.examples[r["prompt_index"]]["solution"])
   grades = rewards.grade_batch(data.task, texts, references)
   success = np.array([g.correct and ok for g, ok in zip(grades, fits)], np.float32)
   p = success.reshape(len(prefixes), m).mean(1)

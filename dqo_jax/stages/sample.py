@@ -1,5 +1,9 @@
 """Stage `sample`: K responses per training prompt from the SFT policy, verified and stored.
 
+The prompts are the first `sample.num_prompts` of `Context.rl_prompts`: all training problems,
+or with `data.num_gold` set those whose worked solutions SFT never saw (only their final answers
+are read, by the verifier).
+
 The offline dataset holds, per sample, the behaviour log-probs returned by the sampler (the
 distribution actually sampled from, after temperature) and the reference log-probs recomputed
 with the training forward pass, so DQO never runs the reference model.
@@ -53,11 +57,12 @@ def run(ctx: Context) -> dict:
   cfg, tok = ctx.config, ctx.tokenizer
   s = cfg.sample
   params = ctx.sft_params()
-  n_prompts = len(ctx.train) if s.num_prompts < 0 else min(s.num_prompts, len(ctx.train))
+  pool = ctx.rl_prompts
+  n_prompts = len(pool) if s.num_prompts < 0 else min(s.num_prompts, len(pool))
   k = s.samples_per_prompt
   prompt_index = np.repeat(np.arange(n_prompts), k)
-  prompt = ctx.train.arrays["prompt"][prompt_index]
-  prompt_mask = ctx.train.arrays["prompt_mask"][prompt_index]
+  prompt = pool.arrays["prompt"][prompt_index]
+  prompt_mask = pool.arrays["prompt_mask"][prompt_index]
   samples = generate_all(
       ctx.policy_model,
       params,
@@ -71,7 +76,7 @@ def run(ctx: Context) -> dict:
       temperature=s.temperature,
       desc=f"sample {k} x {n_prompts} prompts",
   )
-  examples = [ctx.train.examples[i] for i in prompt_index]
+  examples = [pool.examples[i] for i in prompt_index]
   texts, grades, reward = grade_samples(
       cfg.data.task, tok, samples, [e["solution"] for e in examples], cfg.rewards
   )

@@ -1,4 +1,5 @@
-"""Stage `sft`: supervised fine-tuning on the gold solutions (loss on solution tokens only)."""
+"""Stage `sft`: supervised fine-tuning on the gold solutions (loss on solution tokens only), of
+all training problems or of the first `data.num_gold`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ BATCH_KEYS = ("prompt", "prompt_mask", "response", "response_len")
 def run(ctx: Context) -> dict:
   cfg = ctx.config
   init_fn, tx = ctx.sft_init_fn()
-  arrays, n = ctx.train.arrays, len(ctx.train)
+  arrays, n = ctx.gold.arrays, len(ctx.gold)
   batch_at = lambda i: take(arrays, batch_indices(n, cfg.sft.batch_size, i, cfg.seed), BATCH_KEYS)
   _, summary = fit(
       stage_dir=ctx.stage_dir("sft"),

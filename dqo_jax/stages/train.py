@@ -120,8 +120,8 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
   buckets = int(t.get("length_buckets", 1))
   _, txs = init_fn(ctx)
   if method == "sft":
-    arrays = {k: ctx.train.arrays[k] for k in views.TOKEN_KEYS}
-    view = View(_batches(arrays, len(ctx.train), t.batch_size, seed, buckets), len(ctx.train), {})
+    arrays = {k: ctx.gold.arrays[k] for k in views.TOKEN_KEYS}
+    view = View(_batches(arrays, len(ctx.gold), t.batch_size, seed, buckets), len(ctx.gold), {})
     return view, policy_step.make_policy_step(
         ctx.policy_model, txs[0], policy_step.nll_objective, accum
     )
@@ -130,12 +130,14 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
   arrays = offline_arrays(records, data, ctx.tokenizer.pad_id, ctx.model_cfg.vocab_size)
   n = len(records)
   if method == "rft":
-    rft = views.rft_arrays(records, arrays, ctx.train)
+    # The sampled prompts' gold solutions, when training may read them: not when answers only.
+    known = None if ctx.answers_only else ctx.train
+    rft = views.rft_arrays(records, arrays, ctx.gold, known)
     size = len(rft["response_len"])
     view = View(
         _batches(rft, size, t.batch_size, seed, buckets),
         size,
-        dict(gold=len(ctx.train), kept_samples=size - len(ctx.train)),
+        dict(gold=len(ctx.gold), kept_samples=size - len(ctx.gold)),
     )
     return view, policy_step.make_policy_step(
         ctx.policy_model, txs[0], policy_step.nll_objective, accum
