@@ -1,14 +1,22 @@
 """Every method on the same data, evaluated the same way: `python -m dqo_jax.compare`.
 
     python -m dqo_jax.compare --config=configs/arith.py --workdir=DIR \
-        --methods=sft,rft,dpo,kto,dro,dqo,dqo_ps --seeds=3 [--ablations] [--parallel=2]
+        --methods=sft,rft,dpo,kto,dro,dqo,dqo_ps --seeds=3 [--ablations] [--parallel=2] \
+        [--split=validation] [--base_per_seed]
 
 The SFT checkpoint, the offline samples and (for dqo_ps) the rollouts are computed once, in
 DIR/base. Each (method, seed) then runs the `train` and `eval` stages in DIR/runs/<method>/seed<k>,
 a separate process started from the one config (saved as DIR/config.json) with the base linked
-in; the seed changes the method's batch order and initialisation, not the data. Finished runs are
-skipped, so rerunning the command resumes. Writes DIR/compare.md, DIR/compare.json and
-DIR/compare.png.
+in; the seed changes the method's batch order and initialisation, not the data. With
+--base_per_seed, seed k's runs share a base of their own (DIR/base/seed<k>, made with seed k), so
+that a seed pairs whole pipelines, the SFT start included. Finished runs are skipped, so rerunning
+the command resumes.
+
+--split=validation scores every run on the validation split and never reads test: settings are
+chosen that way, and test is read once per reported number (the default). The table gives, per
+method, greedy and sampled accuracy, the mean paired difference from the SFT start of the same
+seed with its 95% interval, and E[R] - beta KL of fresh samples on training and held-out prompts.
+Writes DIR/compare.md, DIR/compare.json and DIR/compare.png.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,6 +43,19 @@ _METHODS = flags.DEFINE_list("methods", "sft,rft,dpo,kto,dro,dqo,dqo_ps", "Metho
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method (0 .. seeds-1).")
 _ABLATIONS = flags.DEFINE_bool("ablations", False, "Also run the DQO ablations in ABLATIONS.")
 _ABLATION_SEEDS = flags.DEFINE_integer("ablation_seeds", 1, "Seeds per ablation.")
+_SPLIT = flags.DEFINE_enum(
+    "split",
+    "test",
+    ["test", "validation"],
+    "Where the runs are scored: validation to choose settings (the test split is then not read), "
+    "test once per reported number.",
+)
+_BASE_PER_SEED = flags.DEFINE_bool(
+    "base_per_seed",
+    False,
+    "Give each seed its own SFT checkpoint and samples (made with that seed), so that seeds pair "
+    "whole pipelines and the SFT start varies too.",
+)
 _PARALLEL = flags.DEFINE_integer(
     "parallel", 1, "Runs at a time, each pinned to its own CPU core when there are enough."
 )
@@ -97,29 +119,90 @@ def _result(workdir: str, name: str) -> dict | None:
   train_seconds = _read_json(os.path.join(workdir, name, "DONE.json"))["seconds"]
   # The accuracy monitor logs every `eval.every` steps; keep only its points.
   every = _read_json(os.path.join(workdir, "config.json"))["eval"]["every"]
-  curve = read_scalars(os.path.join(workdir, name, "tb")).get("accuracy", [])
+  curve = read_scalars(os.path.join(workdir, name, "tb")).get("val_accuracy", [])
   curve = [(s, v) for s, v in curve if every and s % every == 0]
   return dict(acc, train_seconds=train_seconds, eval_seconds=eval_seconds, curve=curve)
 
 
-def run_all(config, workdir: str, runs: dict, parallel: int) -> dict:
-  """runs: {label: (overrides, seeds)} -> {label: {seed: result}}."""
-  base = os.path.join(workdir, "base")
-  config.data.dir = config.data.dir or os.path.join(base, "data")
+def _launch(command: list[str], log: str, core: int | None) -> int:
+  if core is not None:
+    command = ["taskset", "-c", str(core)] + command
+  with open(log, "a") as f:
+    return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def run_all(
+    config,
+    workdir: str,
+    runs: dict,
+    parallel: int,
+    split: str = "test",
+    base_per_seed: bool = False,
+) -> dict:
+  """runs: {label: (overrides, seeds)} -> {label: {seed: result}}, each run scored on `split`
+  ("validation": the test split is not read). base_per_seed: seed k's runs share an SFT checkpoint
+  and samples of their own, made with seed k, so that seeds pair whole pipelines."""
+  config.data.dir = config.data.dir or os.path.join(workdir, "base", "data")
   config_file = os.path.join(workdir, "config.json")
   write_json_atomic(config_file, json.loads(config.to_json_best_effort()))
-  # The shared stages run in a child process too: this one never starts JAX, so starting the
-  # runs (fork + exec) is safe.
+  num_seeds = max(seeds for _, seeds in runs.values())
+  bases = {
+      k: os.path.join(workdir, "base", f"seed{k}")
+      if base_per_seed
+      else os.path.join(workdir, "base")
+      for k in range(num_seeds)
+  }
   needs_rollouts = any(o.get("dqo.process.enabled") for o, _ in runs.values())
   base_overrides = {"stages": "sft,sample,rollouts" if needs_rollouts else "sft,sample"}
   if needs_rollouts:
     base_overrides["dqo.process.enabled"] = True
+  common = {"eval.test": split == "test"}
+
+  cores = sorted(os.sched_getaffinity(0))
+  pin = parallel > 1 and len(cores) >= parallel and shutil.which("taskset") is not None
+  core_of = lambda i: cores[i % parallel] if pin else None
+
+  # The shared stages run in child processes too: this one never starts JAX, so starting the
+  # runs (fork + exec) is safe.
   t0 = time.time()
-  proc = subprocess.run(_run_command(config_file, base, base_overrides))
-  if proc.returncode:
-    raise UserError(f"the shared stages failed (exit {proc.returncode}); see the output above")
+  if base_per_seed:
+
+    # Seed 0's process prepares the shared data and tokenizer; the others start once it has.
+    data_ready = threading.Event()
+
+    def wait_for_data(log):
+      while not data_ready.wait(1.0):
+        if os.path.exists(log):
+          with open(log) as f:
+            if "[setup]" in f.read():
+              data_ready.set()
+
+    def launch_base(k):
+      os.makedirs(bases[k], exist_ok=True)
+      log = os.path.join(bases[k], "log.txt")
+      if k == 0:
+        threading.Thread(target=wait_for_data, args=(log,), daemon=True).start()
+      else:
+        data_ready.wait()
+      overrides = dict(base_overrides, seed=k, **common)
+      code = _launch(_run_command(config_file, bases[k], overrides), log, core_of(k))
+      data_ready.set()  # seed 0 failed before its setup line: let the others fail or run
+      print(f"[compare] shared stages, seed {k}: {'done' if code == 0 else 'FAILED'}", flush=True)
+      return code
+
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+      failed = [k for k, code in zip(bases, pool.map(launch_base, bases)) if code]
+    if failed:
+      raise UserError(
+          f"the shared stages failed for seed(s) {failed}; see log.txt in {workdir}/base/seed<k>"
+      )
+  else:
+    proc = subprocess.run(_run_command(config_file, bases[0], dict(base_overrides, **common)))
+    if proc.returncode:
+      raise UserError(f"the shared stages failed (exit {proc.returncode}); see the output above")
   base_seconds = time.time() - t0
-  os.makedirs(os.path.join(base, "eval", "sft"), exist_ok=True)
+  for base in set(bases.values()):
+    os.makedirs(os.path.join(base, "eval", "sft"), exist_ok=True)
 
   jobs = []
   for label, (overrides, seeds) in runs.items():
@@ -127,23 +210,16 @@ def run_all(config, workdir: str, runs: dict, parallel: int) -> dict:
     probe.update_from_flattened_dict(overrides)
     for seed in range(seeds):
       run_dir = os.path.join(workdir, "runs", label, f"seed{seed}")
-      jobs.append((label, seed, run_dir, run_name(probe), dict(overrides, seed=seed)))
-
-  cores = sorted(os.sched_getaffinity(0))
-  pin = parallel > 1 and len(cores) >= parallel and shutil.which("taskset") is not None
+      jobs.append((label, seed, run_dir, run_name(probe), dict(overrides, seed=seed, **common)))
 
   def launch(job_index):
     label, seed, run_dir, name, overrides = jobs[job_index]
     if _result(run_dir, name) is not None:
       return
-    _link_base(base, run_dir)
-    command = _run_command(config_file, run_dir, overrides)
-    if pin:
-      command = ["taskset", "-c", str(cores[job_index % parallel])] + command
+    _link_base(bases[seed], run_dir)
     log = os.path.join(run_dir, "log.txt")
-    with open(log, "a") as f:
-      proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
-    status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {log})"
+    code = _launch(_run_command(config_file, run_dir, overrides), log, core_of(job_index))
+    status = "done" if code == 0 else f"FAILED (exit {code}, see {log})"
     print(f"[compare] {label} seed {seed}: {status}", flush=True)
 
   t0 = time.time()
@@ -154,14 +230,24 @@ def run_all(config, workdir: str, runs: dict, parallel: int) -> dict:
     r = _result(run_dir, name)
     if r is not None:
       results.setdefault(label, {})[seed] = r
-  sft = _read_json(os.path.join(base, "eval", "sft", "result.json"))
+  sft_start = {}
+  for k, base in bases.items():
+    path = os.path.join(base, "eval", "sft", "result.json")
+    if os.path.exists(path):  # written by the first of its runs that finished
+      sft_start[k] = _read_json(path)
   base_stages = {
-      s: _read_json(os.path.join(base, s, "DONE.json"))["seconds"]
+      s: float(
+          np.mean(
+              [_read_json(os.path.join(b, s, "DONE.json"))["seconds"] for b in set(bases.values())]
+          )
+      )
       for s in ("sft", "sample", "rollouts")
-      if os.path.exists(os.path.join(base, s, "DONE.json"))
+      if os.path.exists(os.path.join(bases[0], s, "DONE.json"))
   }
   return dict(
-      sft_checkpoint=sft,
+      split=split,
+      base_per_seed=base_per_seed,
+      sft_start=sft_start,
       runs=results,
       base_seconds=base_stages,
       # Summed from each run's own stage times, so a resumed comparison still reports them all.
@@ -178,42 +264,163 @@ def run_all(config, workdir: str, runs: dict, parallel: int) -> dict:
   )
 
 
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; 1.96 beyond.
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+
+
+def paired_interval(differences) -> tuple[float, float, float]:
+  """(mean, low, high): the mean of paired differences and its 95% t interval (nan bounds with
+  fewer than two pairs)."""
+  d = np.asarray(differences, np.float64)
+  if len(d) < 2:
+    return float(d.mean()) if len(d) else float("nan"), float("nan"), float("nan")
+  half = (_T975[len(d) - 2] if len(d) - 1 <= len(_T975) else 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+  return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def scores(result: dict, split: str) -> dict:
+  """The figures of one evaluated run on `split`: greedy and sampled accuracy, and E[R] - beta KL
+  (with its KL) of fresh samples on the training prompts and on the held-out split."""
+  scored = result if split == "test" else result.get("validation", {})
+  objective = result.get("objective", {})
+  out = dict(greedy=scored.get("accuracy"), sampled=scored.get("sampled", {}).get("accuracy"))
+  for where, key in (("train", "train"), ("held_out", split)):
+    o = objective.get(key)
+    if o is not None:
+      out[f"objective_{where}"], out[f"kl_{where}"] = o["objective"], o["kl"]
+  return out
+
+
 def summarize(results: dict) -> dict:
-  """Mean and sample std over seeds of each method's accuracy, overall and per step count."""
+  """Per method: the mean and sample std over seeds of each score, and for greedy and sampled
+  accuracy the mean paired difference from the SFT start of the same seed with its 95% interval
+  (with one shared SFT checkpoint, that interval holds only the method's seed variation)."""
+  split = results["split"]
+  start = {int(k): scores(r, split) for k, r in results["sft_start"].items()}
   rows = {}
   for label, seeds in results["runs"].items():
-    accs = np.array([r["accuracy"] for r in seeds.values()])
-    steps = sorted({k for r in seeds.values() for k in r["by_steps"]}, key=int)
-    rows[label] = dict(
-        seeds=len(accs),
-        mean=float(accs.mean()),
-        std=float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-        by_steps={s: float(np.mean([r["by_steps"][s] for r in seeds.values()])) for s in steps},
-        train_seconds=float(np.mean([r["train_seconds"] for r in seeds.values()])),
-    )
+    per_seed = {int(k): scores(r, split) for k, r in seeds.items()}
+    row = dict(seeds=len(per_seed))
+    for key in ("greedy", "sampled", "objective_train", "kl_train", "objective_held_out"):
+      values = np.array([s[key] for s in per_seed.values() if s.get(key) is not None])
+      if len(values):
+        row[key] = float(values.mean())
+        row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    for key in ("greedy", "sampled"):
+      pairs = [
+          per_seed[k][key] - start[k if k in start else 0][key]
+          for k in per_seed
+          if per_seed[k].get(key) is not None
+          and start.get(k if k in start else 0, {}).get(key) is not None
+      ]
+      if pairs:
+        row[f"{key}_minus_start"] = paired_interval(pairs)
+    row["train_seconds"] = float(np.mean([r["train_seconds"] for r in seeds.values()]))
+    rows[label] = row
   return rows
 
 
 def markdown(results: dict, rows: dict) -> str:
-  sft = results["sft_checkpoint"]
-  steps = sorted(sft["by_steps"], key=int)
-  head = ["method", "seeds", "greedy accuracy", *(f"{s} steps" for s in steps), "train s/run"]
+  split = results["split"]
+  start = [scores(r, split) for r in results["sft_start"].values()]
+  fmt = lambda v: "-" if v is None else f"{v:.3f}"
+  mean_of = (
+      lambda key: float(np.mean([s[key] for s in start]))
+      if start and all(s.get(key) is not None for s in start)
+      else None
+  )
+  interval = (
+      lambda t: "-"
+      if t is None
+      else (f"{t[0]:+.3f}" if np.isnan(t[1]) else f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}]")
+  )
+  head = [
+      "method",
+      "seeds",
+      "greedy",
+      "sampled (T=1)",
+      "greedy - start [95%]",
+      "sampled - start [95%]",
+      "obj train",
+      f"obj {split}",
+      "KL train",
+      "train s/run",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  sft_cells = ["SFT checkpoint (start)", "-", f"{sft['accuracy']:.3f}"]
-  sft_cells += [f"{sft['by_steps'][s]:.3f}" for s in steps] + ["-"]
-  lines.append("| " + " | ".join(sft_cells) + " |")
+  start_cells = [
+      "SFT checkpoint (start)",
+      str(len(start)),
+      fmt(mean_of("greedy")),
+      fmt(mean_of("sampled")),
+      "-",
+      "-",
+      fmt(mean_of("objective_train")),
+      fmt(mean_of("objective_held_out")),
+      "0",
+      "-",
+  ]
+  lines.append("| " + " | ".join(start_cells) + " |")
+  with_std = lambda r, key: "-" if key not in r else f"{r[key]:.3f} ± {r[key + '_std']:.3f}"
   for label, r in rows.items():
-    cells = [label, str(r["seeds"]), f"{r['mean']:.3f} ± {r['std']:.3f}"]
-    cells += [f"{r['by_steps'].get(s, float('nan')):.3f}" for s in steps]
-    cells.append(f"{r['train_seconds']:.0f}")
+    cells = [
+        label,
+        str(r["seeds"]),
+        with_std(r, "greedy"),
+        with_std(r, "sampled"),
+        interval(r.get("greedy_minus_start")),
+        interval(r.get("sampled_minus_start")),
+        fmt(r.get("objective_train")),
+        fmt(r.get("objective_held_out")),
+        fmt(r.get("kl_train")),
+        f"{r['train_seconds']:.0f}",
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   base = ", ".join(f"{k} {v:.0f} s" for k, v in results["base_seconds"].items())
+  pairing = (
+      "each seed its own SFT checkpoint and samples, so the intervals pair whole pipelines"
+      if results["base_per_seed"]
+      else "one SFT checkpoint and sample set for every seed, so the intervals hold only the "
+      "methods' own seed variation"
+  )
   lines += [
       "",
-      f"Shared stages (computed once): {base}. Method runs: {results['runs_seconds']:.0f} s "
-      f"summed over runs (train + eval), {results['parallel']} at a time. Accuracy: greedy "
-      "decoding on the test split, mean ± sample std over seeds; 'train s/run' includes the "
-      "periodic accuracy monitor.",
+      f"Scored on the {split} split; mean ± sample std over seeds; 'start [95%]': the mean "
+      f"paired difference from the SFT start of the same seed and its 95% t interval ({pairing}). "
+      "obj: E[R] - beta KL(pi || pi_ref) of fresh samples on the training prompts and on the "
+      f"{split} prompts. Shared stages: {base}. Method runs: {results['runs_seconds']:.0f} s "
+      f"summed over runs (train + eval), {results['parallel']} at a time; 'train s/run' includes "
+      "the periodic monitor.",
   ]
   return "\n".join(lines) + "\n"
 
@@ -224,15 +431,24 @@ def plot(results: dict, rows: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  split = results["split"]
   fig, (bars, curves) = plt.subplots(1, 2, figsize=(15, 4.5))
   labels = list(rows)
   x = np.arange(len(labels))
-  bars.bar(x, [rows[l]["mean"] for l in labels], yerr=[rows[l]["std"] for l in labels], capsize=4)
-  bars.axhline(results["sft_checkpoint"]["accuracy"], color="gray", ls="--", label="SFT start")
+  for offset, key in ((-0.2, "greedy"), (0.2, "sampled")):
+    means = [rows[l].get(key, np.nan) for l in labels]
+    stds = [rows[l].get(f"{key}_std", 0.0) for l in labels]
+    bars.bar(x + offset, means, width=0.4, yerr=stds, capsize=4, label=key)
+  start = [scores(r, split) for r in results["sft_start"].values()]
+  for key, style in (("greedy", "--"), ("sampled", ":")):
+    if start and all(s.get(key) is not None for s in start):
+      bars.axhline(
+          np.mean([s[key] for s in start]), color="gray", ls=style, label=f"SFT start, {key}"
+      )
   bars.set_xticks(x, labels, rotation=30, ha="right")
-  bars.set_ylabel("greedy test accuracy")
+  bars.set_ylabel(f"{split} accuracy")
   bars.set_title("mean ± std over seeds")
-  bars.legend()
+  bars.legend(fontsize=8)
   colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(labels), 2)))
   for color, label in zip(colors, labels):
     curves_by_seed = [r["curve"] for r in results["runs"][label].values() if r["curve"]]
@@ -243,7 +459,7 @@ def plot(results: dict, rows: dict, path: str) -> None:
     mean = np.mean([[v for _, v in c[:n]] for c in curves_by_seed], axis=0)
     curves.plot(steps[:n], mean, marker="o", label=label, color=color)
   curves.set_xlabel("training step")
-  curves.set_ylabel("accuracy on the monitored test slice")
+  curves.set_ylabel("greedy accuracy on the monitored validation slice")
   curves.set_title("while training (mean over seeds)")
   curves.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
   fig.tight_layout()
@@ -267,7 +483,7 @@ def main(argv):
           "local path (or a bucket mounted with gcsfuse)"
       )
     workdir = workdir_lib.check_local(workdir)
-    results = run_all(config, workdir, runs, _PARALLEL.value)
+    results = run_all(config, workdir, runs, _PARALLEL.value, _SPLIT.value, _BASE_PER_SEED.value)
   except (UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

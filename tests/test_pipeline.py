@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from dqo_jax.data.offline import FIELDS, read_records, write_records
@@ -292,7 +293,7 @@ def test_process_supervision_rolls_out_every_step_once(finished):
   assert "dqo_ps" in json.loads((workdir / "results.json").read_text())
 
 
-def test_compare_trains_each_method_on_the_shared_base(tmp_path):
+def test_compare_pairs_seeds_of_whole_pipelines_on_validation(tmp_path):
   cmd = [
       sys.executable,
       "-m",
@@ -302,16 +303,33 @@ def test_compare_trains_each_method_on_the_shared_base(tmp_path):
       "--methods=sft,dro",
       "--seeds=2",
       "--parallel=2",
+      "--split=validation",
+      "--base_per_seed",
   ]
   # Outside the repository, with a relative workdir: nothing may depend on the working directory.
   env = dict(os.environ, PYTHONPATH=ROOT)
   proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   tmp_path = tmp_path / "cmp"
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-  summary = json.loads((tmp_path / "compare.json").read_text())["summary"]
+  compared = json.loads((tmp_path / "compare.json").read_text())
+  summary = compared["summary"]
   assert set(summary) == {"sft", "dro"} and all(r["seeds"] == 2 for r in summary.values())
-  for run in ("sft/seed0", "sft/seed1", "dro/seed0", "dro/seed1"):
-    assert os.path.islink(tmp_path / "runs" / run / "sft")  # one SFT model for every run
+  for method in ("sft", "dro"):
+    for seed in (0, 1):  # seed k's runs share the SFT model of base/seed<k>
+      link = os.path.realpath(tmp_path / "runs" / method / f"seed{seed}" / "sft")
+      assert link == os.path.realpath(tmp_path / "base" / f"seed{seed}" / "sft")
+      result = compared["runs"][method][str(seed)]
+      assert "accuracy" not in result and "validation" in result  # test was not read
+  starts = compared["sft_start"]
+  assert set(starts) == {"0", "1"} and all("accuracy" not in r for r in starts.values())
+  # The paired interval: the mean of the per-seed differences from that seed's SFT start.
+  diffs = [
+      compared["runs"]["dro"][k]["validation"]["accuracy"] - starts[k]["validation"]["accuracy"]
+      for k in ("0", "1")
+  ]
+  mean, low, high = summary["dro"]["greedy_minus_start"]
+  assert mean == pytest.approx(np.mean(diffs)) and low <= mean <= high
   table = (tmp_path / "compare.md").read_text()
-  assert "| SFT checkpoint (start) |" in table and "| dro | 2 |" in table
+  assert "| SFT checkpoint (start) | 2 |" in table and "| dro | 2 |" in table
+  assert "Scored on the validation split" in table
   assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
