@@ -100,7 +100,9 @@ def _wait_for_checkpoint(directory, proc, timeout=300):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
-  overrides = ("--config.stages=sft", "--config.sft.steps=400", "--config.checkpoint.every=5")
+  # Enough steps that the run is still going when the first checkpoint appears and the signal
+  # is sent (the wait polls every 0.2 s); few enough that the resumed run ends quickly.
+  overrides = ("--config.stages=sft", "--config.sft.steps=150", "--config.checkpoint.every=5")
   proc = subprocess.Popen(
       _cmd(tmp_path, *overrides),
       cwd=ROOT,
@@ -300,7 +302,7 @@ def test_compare_pairs_seeds_of_whole_pipelines_on_validation(tmp_path):
       "dqo_jax.compare",
       f"--config={os.path.join(ROOT, 'configs', 'arith.py')}:tiny",
       "--workdir=cmp",
-      "--methods=sft,dro",
+      "--methods=dro",
       "--seeds=2",
       "--parallel=2",
       "--split=validation",
@@ -313,8 +315,8 @@ def test_compare_pairs_seeds_of_whole_pipelines_on_validation(tmp_path):
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   compared = json.loads((tmp_path / "compare.json").read_text())
   summary = compared["summary"]
-  assert set(summary) == {"sft", "dro"} and all(r["seeds"] == 2 for r in summary.values())
-  for method in ("sft", "dro"):
+  assert set(summary) == {"dro"} and summary["dro"]["seeds"] == 2
+  for method in ("dro",):
     for seed in (0, 1):  # seed k's runs share the SFT model of base/seed<k>
       link = os.path.realpath(tmp_path / "runs" / method / f"seed{seed}" / "sft")
       assert link == os.path.realpath(tmp_path / "base" / f"seed{seed}" / "sft")

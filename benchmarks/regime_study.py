@@ -1,0 +1,209 @@
+"""Where RL improves on its SFT start: one axis of the embedded task's regime at a time, scored on
+the validation split only (the test split is never read here).
+
+    python -m benchmarks.regime_study --dir=/tmp/study [--only=NAME,...] [--parallel=2]
+
+Each setting is a `dqo_jax.compare --split=validation` run of some methods in DIR/<setting>, on
+top of an SFT checkpoint shared by every setting with the same gold subset (DIR/sft_g<N>, trained
+once): continued SFT (`sft`), RFT, DRO and DQO, all from that checkpoint. Settings change one
+thing against the reference setting of their axis; `--only` runs some of them. Finished runs are
+skipped, so rerunning resumes. Writes DIR/study.json, DIR/study.md (one row per setting and
+method) and DIR/study_<axis>.png; docs/results.md shows what was run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "arith.py")
+
+# The reference RL setting: answers-only prompts, K = 4, the embedded config's budget.
+REFERENCE = {"sample.num_prompts": 2000, "sample.samples_per_prompt": 4}
+
+# Every method at the reference points; where only the samples change, continued SFT (on the gold
+# subset alone) would repeat the reference's run, and where only beta changes, RFT's too. (The
+# budget settings leave continued SFT out for time.)
+ALL, SAMPLED, BETA = "sft,rft,dro,dqo", "rft,dro,dqo", "dro,dqo"
+
+# name: (axis, gold subset size (-1: all), methods, overrides on top of REFERENCE). Each axis
+# varies one thing; its reference point is the setting named "<gold>_ref".
+SETTINGS = {
+    "g1000_ref": ("gold", 1000, ALL, {}),
+    "all_ref": ("gold", -1, ALL, {}),
+    "g1000_lr3e-4": (
+        "budget",
+        1000,
+        SAMPLED,
+        {"train.policy_optimizer.lr": 3e-4, "train.value_optimizer.lr": 3e-3},
+    ),
+    "g1000_warmup100": ("value warmup", 1000, "dqo", {"dqo.value_warmup_steps": 100}),
+    "g1000_k16": ("samples per prompt", 1000, SAMPLED, {"sample.samples_per_prompt": 16}),
+    "g1000_prompts6000": ("prompts", 1000, SAMPLED, {"sample.num_prompts": 6000}),
+    "g1000_beta0.1": ("beta", 1000, BETA, {"dqo.beta": 0.1, "dro.beta": 0.1}),
+    "g1000_steps1600": ("budget", 1000, SAMPLED, {"train.steps": 1600}),
+    "g1000_k2": ("samples per prompt", 1000, SAMPLED, {"sample.samples_per_prompt": 2}),
+    "g1000_beta1": ("beta", 1000, BETA, {"dqo.beta": 1.0, "dro.beta": 1.0}),
+}
+
+
+def _overrides(d: dict) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in d.items()]
+
+
+def _sft_dir(study: str, gold: int) -> str:
+  return os.path.join(study, "sft_all" if gold < 0 else f"sft_g{gold}")
+
+
+def _common(study: str, gold: int) -> list[str]:
+  return [f"--config={CONFIG}", f"--config.data.dir={os.path.join(study, 'data')}"] + _overrides(
+      {"data.num_gold": gold}
+  )
+
+
+def train_sft(study: str, gold: int) -> None:
+  """The SFT checkpoint of a gold subset, shared by its settings (scored on validation)."""
+  workdir = _sft_dir(study, gold)
+  cmd = [sys.executable, "-m", "dqo_jax.main", f"--workdir={workdir}", *_common(study, gold)]
+  subprocess.run(cmd + ["--config.stages=sft"], check=True)
+
+
+def run_setting(study: str, name: str, parallel: int) -> None:
+  _, gold, methods, overrides = SETTINGS[name]
+  workdir = os.path.join(study, name)
+  base = os.path.join(workdir, "base")
+  os.makedirs(os.path.join(base, "eval"), exist_ok=True)
+  sft = _sft_dir(study, gold)
+  os.makedirs(os.path.join(sft, "eval", "sft"), exist_ok=True)
+  # The shared SFT checkpoint and its evaluation: computed once per gold subset.
+  for part in ("sft", os.path.join("eval", "sft")):
+    if not os.path.lexists(os.path.join(base, part)):
+      os.symlink(os.path.join(sft, part), os.path.join(base, part))
+  cmd = [
+      sys.executable,
+      "-m",
+      "dqo_jax.compare",
+      f"--workdir={workdir}",
+      f"--methods={methods}",
+      "--seeds=1",
+      f"--parallel={parallel}",
+      "--split=validation",
+      *_common(study, gold),
+      *_overrides({**REFERENCE, **overrides}),
+  ]
+  subprocess.run(cmd, check=True)
+
+
+def collect(study: str) -> dict:
+  """{setting: {"axis", "gold", "overrides", "start", "methods": {method: scores}}} of the
+  settings that have finished."""
+  from dqo_jax.compare import scores
+
+  out = {}
+  for name, (axis, gold, _, overrides) in SETTINGS.items():
+    path = os.path.join(study, name, "compare.json")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      compared = json.load(f)
+    samples = json.load(open(os.path.join(study, name, "base", "sample", "DONE.json")))["summary"]
+    out[name] = dict(
+        axis=axis,
+        gold=gold,
+        overrides=overrides,
+        samples=samples,
+        start=scores(compared["sft_start"]["0"], "validation"),
+        methods={m: scores(r["0"], "validation") for m, r in compared["runs"].items()},
+    )
+  return out
+
+
+def markdown(study: dict) -> str:
+  cols = ("greedy", "sampled", "objective_train", "objective_held_out", "kl_train")
+  head = ["setting", "axis", "method", "val greedy", "val sampled", "obj train", "obj val", "KL"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  fmt = lambda v: "-" if v is None else f"{v:.3f}"
+  for name, s in study.items():
+    rows = [("SFT start", s["start"])] + list(s["methods"].items())
+    for method, r in rows:
+      lines.append(
+          "| " + " | ".join([name, s["axis"], method] + [fmt(r.get(c)) for c in cols]) + " |"
+      )
+  return "\n".join(lines) + "\n"
+
+
+def plot(study: dict, path_prefix: str) -> list[str]:
+  """One figure per axis: validation greedy and sampled accuracy of each method against the SFT
+  start, per setting of that axis (its reference setting included)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  written = []
+  for axis in sorted({s["axis"] for s in study.values()}):
+    names = [n for n, s in study.items() if s["axis"] == axis]
+    if axis != "gold":  # the axis's reference point
+      gold = study[names[0]]["gold"]
+      ref = "all_ref" if gold < 0 else f"g{gold}_ref"
+      names = ([ref] if ref in study else []) + names
+    fig, panels = plt.subplots(1, 2, figsize=(12, 4))
+    for panel, key in zip(panels, ("greedy", "sampled")):
+      methods = ["SFT start"] + sorted({m for n in names for m in study[n]["methods"]})
+      width = 0.8 / len(methods)
+      x = np.arange(len(names))
+      for i, m in enumerate(methods):
+        vals = [
+            (study[n]["start"] if m == "SFT start" else study[n]["methods"].get(m, {})).get(key)
+            for n in names
+        ]
+        vals = [np.nan if v is None else v for v in vals]
+        panel.bar(x + (i - len(methods) / 2 + 0.5) * width, vals, width, label=m)
+      panel.set_xticks(x, names, rotation=20, ha="right")
+      panel.set_ylabel(f"validation {key} accuracy")
+      panel.set_title(f"axis: {axis}")
+    panels[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = f"{path_prefix}_{axis.replace(' ', '_')}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dir", required=True)
+  parser.add_argument("--only", default="", help="comma-separated setting names (default: all)")
+  parser.add_argument("--parallel", type=int, default=2)
+  parser.add_argument("--report_only", action="store_true", help="only collect and plot")
+  args = parser.parse_args()
+  study = os.path.abspath(args.dir)
+  names = [n for n in args.only.split(",") if n] or list(SETTINGS)
+  unknown = [n for n in names if n not in SETTINGS]
+  if unknown:
+    sys.exit(f"error: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+  if not args.report_only:
+    for name in names:
+      gold = SETTINGS[name][1]
+      if not os.path.exists(os.path.join(_sft_dir(study, gold), "sft", "DONE.json")):
+        train_sft(study, gold)
+      run_setting(study, name, args.parallel)
+  results = collect(study)
+  with open(os.path.join(study, "study.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  table = markdown(results)
+  with open(os.path.join(study, "study.md"), "w") as f:
+    f.write(table)
+  figures = plot(results, os.path.join(study, "study"))
+  print(table + "\nwritten: " + ", ".join(["study.json", "study.md"] + figures))
+
+
+if __name__ == "__main__":
+  main()
