@@ -4,7 +4,7 @@ the validation split only (the test split is never read here).
     python -m benchmarks.regime_study --dir=/tmp/study [--only=NAME,...] [--parallel=2]
 
 Each setting is a `dqo_jax.compare --split=validation` run of some methods in DIR/<setting>, on
-top of an SFT checkpoint shared by every setting with the same gold subset (DIR/sft_g<N>, trained
+top of an SFT checkpoint shared by every setting with the same start (DIR/sft_<start>, trained
 once): continued SFT (`sft`), RFT, DRO and DQO, all from that checkpoint. Settings change one
 thing against the reference setting of their axis; `--only` runs some of them. Finished runs are
 skipped, so rerunning resumes. Writes DIR/study.json, DIR/study.md (one row per setting and
@@ -32,24 +32,33 @@ REFERENCE = {"sample.num_prompts": 2000, "sample.samples_per_prompt": 4}
 # budget settings leave continued SFT out for time.)
 ALL, SAMPLED, BETA = "sft,rft,dro,dqo", "rft,dro,dqo", "dro,dqo"
 
-# name: (axis, gold subset size (-1: all), methods, overrides on top of REFERENCE). Each axis
-# varies one thing; its reference point is the setting named "<gold>_ref".
+# The SFT starts: gold solutions of the first 1000 training problems or of all, trained for the
+# embedded config's 1,200 steps, or for 3,600 (where validation accuracy has stopped rising).
+STARTS = {
+    "g1000": {"data.num_gold": 1000},
+    "all": {"data.num_gold": -1},
+    "g1000_sft3600": {"data.num_gold": 1000, "sft.steps": 3600},
+}
+
+# name: (axis, start, methods, overrides on top of REFERENCE). Each axis varies one thing; its
+# reference point is the setting named "<start>_ref".
 SETTINGS = {
-    "g1000_ref": ("gold", 1000, ALL, {}),
-    "all_ref": ("gold", -1, ALL, {}),
+    "g1000_ref": ("start", "g1000", ALL, {}),
+    "all_ref": ("start", "all", ALL, {}),
+    "g1000_sft3600_ref": ("start", "g1000_sft3600", ALL, {}),
     "g1000_lr3e-4": (
         "budget",
         1000,
         SAMPLED,
         {"train.policy_optimizer.lr": 3e-4, "train.value_optimizer.lr": 3e-3},
     ),
-    "g1000_warmup100": ("value warmup", 1000, "dqo", {"dqo.value_warmup_steps": 100}),
-    "g1000_k16": ("samples per prompt", 1000, SAMPLED, {"sample.samples_per_prompt": 16}),
-    "g1000_prompts6000": ("prompts", 1000, SAMPLED, {"sample.num_prompts": 6000}),
-    "g1000_beta0.1": ("beta", 1000, BETA, {"dqo.beta": 0.1, "dro.beta": 0.1}),
-    "g1000_steps1600": ("budget", 1000, SAMPLED, {"train.steps": 1600}),
-    "g1000_k2": ("samples per prompt", 1000, SAMPLED, {"sample.samples_per_prompt": 2}),
-    "g1000_beta1": ("beta", 1000, BETA, {"dqo.beta": 1.0, "dro.beta": 1.0}),
+    "g1000_warmup100": ("value warmup", "g1000", "dqo", {"dqo.value_warmup_steps": 100}),
+    "g1000_k16": ("samples per prompt", "g1000", SAMPLED, {"sample.samples_per_prompt": 16}),
+    "g1000_prompts6000": ("prompts", "g1000", SAMPLED, {"sample.num_prompts": 6000}),
+    "g1000_beta0.1": ("beta", "g1000", BETA, {"dqo.beta": 0.1, "dro.beta": 0.1}),
+    "g1000_steps1600": ("budget", "g1000", SAMPLED, {"train.steps": 1600}),
+    "g1000_k2": ("samples per prompt", "g1000", SAMPLED, {"sample.samples_per_prompt": 2}),
+    "g1000_beta1": ("beta", "g1000", BETA, {"dqo.beta": 1.0, "dro.beta": 1.0}),
 }
 
 
@@ -57,34 +66,41 @@ def _overrides(d: dict) -> list[str]:
   return [f"--config.{k}={v}" for k, v in d.items()]
 
 
-def _sft_dir(study: str, gold: int) -> str:
-  return os.path.join(study, "sft_all" if gold < 0 else f"sft_g{gold}")
+def _sft_dir(study: str, start: str) -> str:
+  return os.path.join(study, f"sft_{start}")
 
 
-def _common(study: str, gold: int) -> list[str]:
+def _common(study: str, start: str) -> list[str]:
   return [f"--config={CONFIG}", f"--config.data.dir={os.path.join(study, 'data')}"] + _overrides(
-      {"data.num_gold": gold}
+      STARTS[start]
   )
 
 
-def train_sft(study: str, gold: int) -> None:
-  """The SFT checkpoint of a gold subset, shared by its settings (scored on validation)."""
-  workdir = _sft_dir(study, gold)
-  cmd = [sys.executable, "-m", "dqo_jax.main", f"--workdir={workdir}", *_common(study, gold)]
+def train_sft(study: str, start: str) -> None:
+  """An SFT start, shared by its settings (its monitor reads validation)."""
+  workdir = _sft_dir(study, start)
+  cmd = [sys.executable, "-m", "dqo_jax.main", f"--workdir={workdir}", *_common(study, start)]
   subprocess.run(cmd + ["--config.stages=sft"], check=True)
 
 
 def run_setting(study: str, name: str, parallel: int) -> None:
-  _, gold, methods, overrides = SETTINGS[name]
+  _, start, methods, overrides = SETTINGS[name]
   workdir = os.path.join(study, name)
   base = os.path.join(workdir, "base")
   os.makedirs(os.path.join(base, "eval"), exist_ok=True)
-  sft = _sft_dir(study, gold)
+  sft = _sft_dir(study, start)
   os.makedirs(os.path.join(sft, "eval", "sft"), exist_ok=True)
-  # The shared SFT checkpoint and its evaluation: computed once per gold subset.
-  for part in ("sft", os.path.join("eval", "sft")):
+  # The shared SFT checkpoint and its evaluation: computed once per start; and the reference
+  # setting's samples where this setting does not change how they are drawn.
+  shared = {part: os.path.join(sft, part) for part in ("sft", os.path.join("eval", "sft"))}
+  ref_sample = os.path.join(study, f"{start}_ref", "base", "sample")
+  if not any(k.startswith("sample.") for k in overrides) and name != f"{start}_ref":
+    if not os.path.exists(os.path.join(ref_sample, "DONE.json")):
+      run_setting(study, f"{start}_ref", parallel)
+    shared["sample"] = ref_sample
+  for part, target in shared.items():
     if not os.path.lexists(os.path.join(base, part)):
-      os.symlink(os.path.join(sft, part), os.path.join(base, part))
+      os.symlink(target, os.path.join(base, part))
   cmd = [
       sys.executable,
       "-m",
@@ -94,19 +110,19 @@ def run_setting(study: str, name: str, parallel: int) -> None:
       "--seeds=1",
       f"--parallel={parallel}",
       "--split=validation",
-      *_common(study, gold),
+      *_common(study, start),
       *_overrides({**REFERENCE, **overrides}),
   ]
   subprocess.run(cmd, check=True)
 
 
 def collect(study: str) -> dict:
-  """{setting: {"axis", "gold", "overrides", "start", "methods": {method: scores}}} of the
-  settings that have finished."""
+  """{setting: {"axis", "start", "overrides", "samples", "sft_start", "methods": {method:
+  scores}}} of the settings that have finished."""
   from dqo_jax.compare import scores
 
   out = {}
-  for name, (axis, gold, _, overrides) in SETTINGS.items():
+  for name, (axis, start, _, overrides) in SETTINGS.items():
     path = os.path.join(study, name, "compare.json")
     if not os.path.exists(path):
       continue
@@ -115,10 +131,10 @@ def collect(study: str) -> dict:
     samples = json.load(open(os.path.join(study, name, "base", "sample", "DONE.json")))["summary"]
     out[name] = dict(
         axis=axis,
-        gold=gold,
+        start=start,
         overrides=overrides,
         samples=samples,
-        start=scores(compared["sft_start"]["0"], "validation"),
+        sft_start=scores(compared["sft_start"]["0"], "validation"),
         methods={m: scores(r["0"], "validation") for m, r in compared["runs"].items()},
     )
   return out
@@ -130,7 +146,7 @@ def markdown(study: dict) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   fmt = lambda v: "-" if v is None else f"{v:.3f}"
   for name, s in study.items():
-    rows = [("SFT start", s["start"])] + list(s["methods"].items())
+    rows = [("SFT start", s["sft_start"])] + list(s["methods"].items())
     for method, r in rows:
       lines.append(
           "| " + " | ".join([name, s["axis"], method] + [fmt(r.get(c)) for c in cols]) + " |"
@@ -149,9 +165,8 @@ def plot(study: dict, path_prefix: str) -> list[str]:
   written = []
   for axis in sorted({s["axis"] for s in study.values()}):
     names = [n for n, s in study.items() if s["axis"] == axis]
-    if axis != "gold":  # the axis's reference point
-      gold = study[names[0]]["gold"]
-      ref = "all_ref" if gold < 0 else f"g{gold}_ref"
+    if axis != "start":  # the axis's reference point
+      ref = f"{study[names[0]]['start']}_ref"
       names = ([ref] if ref in study else []) + names
     fig, panels = plt.subplots(1, 2, figsize=(12, 4))
     for panel, key in zip(panels, ("greedy", "sampled")):
@@ -160,7 +175,7 @@ def plot(study: dict, path_prefix: str) -> list[str]:
       x = np.arange(len(names))
       for i, m in enumerate(methods):
         vals = [
-            (study[n]["start"] if m == "SFT start" else study[n]["methods"].get(m, {})).get(key)
+            (study[n]["sft_start"] if m == "SFT start" else study[n]["methods"].get(m, {})).get(key)
             for n in names
         ]
         vals = [np.nan if v is None else v for v in vals]
@@ -191,9 +206,9 @@ def main() -> None:
     sys.exit(f"error: unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
   if not args.report_only:
     for name in names:
-      gold = SETTINGS[name][1]
-      if not os.path.exists(os.path.join(_sft_dir(study, gold), "sft", "DONE.json")):
-        train_sft(study, gold)
+      start = SETTINGS[name][1]
+      if not os.path.exists(os.path.join(_sft_dir(study, start), "sft", "DONE.json")):
+        train_sft(study, start)
       run_setting(study, name, args.parallel)
   results = collect(study)
   with open(os.path.join(study, "study.json"), "w") as f:

@@ -307,6 +307,7 @@ def test_compare_pairs_seeds_of_whole_pipelines_on_validation(tmp_path):
       "--parallel=2",
       "--split=validation",
       "--base_per_seed",
+      "--config.data.num_gold=150",  # of 221: SFT on 150 gold solutions, prompts from the rest
   ]
   # Outside the repository, with a relative workdir: nothing may depend on the working directory.
   env = dict(os.environ, PYTHONPATH=ROOT)
@@ -322,6 +323,11 @@ def test_compare_pairs_seeds_of_whole_pipelines_on_validation(tmp_path):
       assert link == os.path.realpath(tmp_path / "base" / f"seed{seed}" / "sft")
       result = compared["runs"][method][str(seed)]
       assert "accuracy" not in result and "validation" in result  # test was not read
+  for seed in (0, 1):
+    base = tmp_path / "base" / f"seed{seed}"
+    assert json.loads((base / "sft" / "DONE.json").read_text())["summary"]["examples"] == 150
+    summary = json.loads((base / "sample" / "DONE.json").read_text())["summary"]
+    assert summary["num_prompts"] == 32  # of the 71 answers-only problems (test_views.py)
   starts = compared["sft_start"]
   assert set(starts) == {"0", "1"} and all("accuracy" not in r for r in starts.values())
   # The paired interval: the mean of the per-seed differences from that seed's SFT start.

@@ -81,3 +81,25 @@ def test_step_boundaries_skip_the_last_token():
   newline = lambda t: t == 4
   assert step_boundaries([7, 4, 9, 4, 3], newline) == [1, 3]
   assert step_boundaries([7, 9, 4], newline) == []
+
+
+def test_gold_subset_and_answers_only_prompts_split_train_without_overlap():
+  import ml_collections
+
+  from dqo_jax.stages.context import Context
+
+  examples = [dict(question=f"q{i}", solution=f"{i}") for i in range(5)]
+  train = Encoded({"prompt": np.arange(5)[:, None]}, examples, 0)
+
+  def context(num_gold):
+    config = ml_collections.ConfigDict(dict(data=dict(num_gold=num_gold)))
+    return Context(config, "", None, train, None, None)
+
+  ctx = context(2)
+  assert [e["question"] for e in ctx.gold.examples] == ["q0", "q1"]
+  assert [e["question"] for e in ctx.rl_prompts.examples] == ["q2", "q3", "q4"]
+  assert ctx.rl_prompts.arrays["prompt"][:, 0].tolist() == [2, 3, 4] and ctx.answers_only
+  assert ctx.split("train") is ctx.rl_prompts  # what the objective's "train prompts" are
+  everything = context(-1)
+  assert everything.gold.examples == examples and everything.rl_prompts is train
+  assert not everything.answers_only

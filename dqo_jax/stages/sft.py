@@ -36,4 +36,4 @@ def run(ctx: Context) -> dict:
       checkpoint_dir=ctx.checkpoint_dir("sft"),
       on_save=ctx.copy_up,
   )
-  return summary
+  return dict(summary, examples=n)
