@@ -193,6 +193,30 @@ def plot(study: dict, path_prefix: str) -> list[str]:
   return written
 
 
+def plot_sft_curves(study: str, path: str) -> None:
+  """Greedy validation accuracy of each SFT start while it trained (its monitor's slice)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from dqo_jax.metrics import read_scalars
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for start, overrides in STARTS.items():
+    tb = os.path.join(_sft_dir(study, start), "sft", "tb")
+    if os.path.isdir(tb):
+      curve = read_scalars(tb).get("val_accuracy", [])
+      ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=start)
+  ax.set_xlabel("SFT step")
+  ax.set_ylabel("greedy accuracy, first 250 validation problems")
+  ax.set_title("SFT starts while training")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dir", required=True)
@@ -218,6 +242,8 @@ def main() -> None:
   with open(os.path.join(study, "study.md"), "w") as f:
     f.write(table)
   figures = plot(results, os.path.join(study, "study"))
+  plot_sft_curves(study, os.path.join(study, "study_sft.png"))
+  figures.append(os.path.join(study, "study_sft.png"))
   print(table + "\nwritten: " + ", ".join(["study.json", "study.md"] + figures))
 
 
