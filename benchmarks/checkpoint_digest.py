@@ -28,7 +28,6 @@ from dqo_jax.train.policy_value_step import PolicyValueState
 from dqo_jax.train.state import TrainState, make_optimizer
 
 
-
 def dqo_state(vocab_size: int = 256):
   """The DQO train state of configs/arith.py's model (ModelConfig's defaults, vocabulary 256)."""
   cfg = ModelConfig(vocab_size=vocab_size)

@@ -76,8 +76,10 @@ class Tally:
         ("rounds whose last run refused with one line", len(self.refused)),
         ("damaged checkpoints detected", f"{self.damage_detected} of {self.injected['corrupt']}"),
         ("(damage redrawn because it hit only bytes no read touches)", self.damage_inert),
-        ("racing second runs refused with one line", f"{self.races_refused} of "
-         f"{self.injected['race']}"),
+        (
+            "racing second runs refused with one line",
+            f"{self.races_refused} of " f"{self.injected['race']}",
+        ),
         ("silent divergences", self.diverged + self.damage_missed + len(self.race_errors)),
     ]
     lines = ["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
@@ -159,9 +161,13 @@ def final_parameters(workdir: str) -> dict:
 
 def equal(a: dict, b: dict) -> bool:
   """Whether two {name: {path: array}} hold the same arrays, bit for bit."""
-  return bool(a) and a.keys() == b.keys() and all(
-      a[s].keys() == b[s].keys() and all(np.array_equal(a[s][k], b[s][k]) for k in a[s])
-      for s in a
+  return (
+      bool(a)
+      and a.keys() == b.keys()
+      and all(
+          a[s].keys() == b[s].keys() and all(np.array_equal(a[s][k], b[s][k]) for k in a[s])
+          for s in a
+      )
   )
 
 

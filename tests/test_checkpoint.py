@@ -101,9 +101,7 @@ def test_bytes_overwritten_in_place_are_detected_and_the_step_before_restored(
   assert sorted(os.listdir(directory)) == ["1", f"2{UNREADABLE_SUFFIX}"]
 
 
-def test_when_every_step_is_damaged_all_are_set_aside_and_the_stage_starts_afresh(
-    saved, tmp_path
-):
+def test_when_every_step_is_damaged_all_are_set_aside_and_the_stage_starts_afresh(saved, tmp_path):
   source, (first, _) = saved
   directory = tmp_path / "checkpoints"
   shutil.copytree(source, directory)
@@ -121,8 +119,11 @@ def test_a_changed_dtype_is_no_damage_and_renames_nothing(saved):
   abstract = _abstract(first)
   mu = first["mu"]
   abstract["mu"] = jax.ShapeDtypeStruct(mu.shape, jnp.bfloat16, sharding=mu.sharding)
-  with pytest.raises(UserError, match=r"no checkpoint in .* restores \(step 2: ValueError: the "
-                     r"checkpoint holds \['mu'\] in another dtype"):
+  with pytest.raises(
+      UserError,
+      match=r"no checkpoint in .* restores \(step 2: ValueError: the "
+      r"checkpoint holds \['mu'\] in another dtype",
+  ):
     _restore_latest(directory, abstract)
   assert sorted(os.listdir(directory)) == ["1", "2"]
 

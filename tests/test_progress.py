@@ -6,6 +6,7 @@ from dqo_jax import progress
 
 
 class _Terminal(io.StringIO):
+
   def isatty(self):
     return True
 
