@@ -112,12 +112,14 @@ def test_two_processes_run_the_pipeline_as_one_8_device_process(tmp_path):
     for tag, series in scalars_1.items():
       expected = np.array([v for _, v in series])
       # Sums over 8 devices in another order: float noise on the scale of the whole series
-      # (a log-ratio that starts at 0 has no scale of its own).
+      # (a log-ratio that starts at 0 has no scale of its own), and at least that of a sequence's
+      # log-ratio, a sum over its tokens of differences of float32 log-probs of order 1 to 10
+      # whose rounding moves with the order of the sums (seen: 1.7e-6 at step 1, where it is 0).
       np.testing.assert_allclose(
           [v for _, v in scalars_2[tag]],
           expected,
           rtol=1e-3,
-          atol=1e-3 * np.abs(expected).max() + 1e-7,
+          atol=1e-3 * np.abs(expected).max() + 1e-5,
           err_msg=f"{stage}/{tag}",
       )
     # Orbax wrote the last step's checkpoint to the bucket, from both processes, with its digest.

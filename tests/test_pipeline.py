@@ -326,8 +326,8 @@ def test_compare_pairs_seeds_of_whole_pipelines_on_validation(tmp_path):
   for seed in (0, 1):
     base = tmp_path / "base" / f"seed{seed}"
     assert json.loads((base / "sft" / "DONE.json").read_text())["summary"]["examples"] == 150
-    summary = json.loads((base / "sample" / "DONE.json").read_text())["summary"]
-    assert summary["num_prompts"] == 32  # of the 71 answers-only problems (test_views.py)
+    sampled = json.loads((base / "sample" / "DONE.json").read_text())["summary"]
+    assert sampled["num_prompts"] == 32  # of the 71 answers-only problems (test_views.py)
   starts = compared["sft_start"]
   assert set(starts) == {"0", "1"} and all("accuracy" not in r for r in starts.values())
   # The paired interval: the mean of the per-seed differences from that seed's SFT start.
