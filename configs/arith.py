@@ -85,10 +85,6 @@ def get_config(arg: str = ""):
       grad_accum_steps=1,  # micro-batches per step: the same update with 1/k of the activations
       optimizer=optimizer(1e-3, 100, weight_decay=0.01),
       max_consecutive_nonfinite=10,  # as train.max_consecutive_nonfinite (configs/common.py)
-      # The validation monitor's interval while SFT trains (0: eval.every). Each check decodes
-      # 250 problems, up to 64 tokens each until the model learns to stop; every 200 steps, they
-      # pushed the README command past 15 minutes. Training is the same at any interval.
-      monitor_every=600,
   )
 
   c.sample = dict(num_prompts=2000, samples_per_prompt=4, temperature=1.0, batch_size=256)
@@ -120,7 +116,7 @@ def get_config(arg: str = ""):
   elif arg == "tiny":  # the reduced end-to-end run of the test suite
     c.data.update(num_train=256, num_test=64, num_validation=32, num_gold=150)
     c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
-    c.sft.update(steps=20, batch_size=8, monitor_every=0)
+    c.sft.update(steps=20, batch_size=8)
     c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32)
     c.train.update(steps=10, batch_size=8)
     c.dqo.process.update(rollouts_per_step=2, batch_size=64)

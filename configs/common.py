@@ -106,7 +106,6 @@ def base_config():
       grad_accum_steps=1,
       optimizer=optimizer(1e-5, 50),
       max_consecutive_nonfinite=10,
-      monitor_every=0,  # the validation monitor's interval while SFT trains (0: eval.every)
   )
   c.sample = dict(num_prompts=-1, samples_per_prompt=4, temperature=1.0, batch_size=64)
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)

@@ -123,13 +123,13 @@ def sampled_objective(
   return dict(reward=float(np.mean(reward)), kl=kl, objective=float(np.mean(reward)) - beta * kl)
 
 
-def accuracy_monitor(ctx: Context, params_of, ref_params=None, every: int | None = None):
-  """An `on_log` hook for `fit`: every `every` steps (None: `eval.every`), greedy accuracy on the
-  first `eval.monitor_examples` validation problems; with `ref_params` (pi_ref, for the methods
-  trained from the SFT policy) also `sampled_objective` on as many training and validation
-  prompts, whose difference is the generalisation gap of what the method optimises."""
+def accuracy_monitor(ctx: Context, params_of, ref_params=None):
+  """An `on_log` hook for `fit`: every `eval.every` steps, greedy accuracy on the first
+  `eval.monitor_examples` validation problems; with `ref_params` (pi_ref, for the methods trained
+  from the SFT policy) also `sampled_objective` on as many training and validation prompts, whose
+  difference is the generalisation gap of what the method optimises."""
   cfg = ctx.config
-  every, n = every or cfg.eval.every, cfg.eval.monitor_examples
+  every, n = cfg.eval.every, cfg.eval.monitor_examples
   beta = float(cfg.dqo.beta)
 
   def on_log(step: int, state) -> dict:

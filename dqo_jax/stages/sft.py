@@ -32,7 +32,7 @@ def run(ctx: Context) -> dict:
       max_nonfinite=cfg.sft.max_consecutive_nonfinite,
       log_every=cfg.log_every,
       desc="sft",
-      on_log=accuracy_monitor(ctx, lambda state: state.params, every=cfg.sft.monitor_every),
+      on_log=accuracy_monitor(ctx, lambda state: state.params),
       checkpoint_dir=ctx.checkpoint_dir("sft"),
       on_save=ctx.copy_up,
   )
