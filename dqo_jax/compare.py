@@ -265,38 +265,11 @@ def run_all(
 
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; 1.96 beyond.
-_T975 = (
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-)
+# fmt: off
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# fmt: on
 
 
 def paired_interval(differences) -> tuple[float, float, float]:
@@ -337,12 +310,12 @@ def summarize(results: dict) -> dict:
       if len(values):
         row[key] = float(values.mean())
         row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    start_of = lambda k: start.get(k, start.get(0, {}))  # a shared base has seed 0's only
     for key in ("greedy", "sampled"):
       pairs = [
-          per_seed[k][key] - start[k if k in start else 0][key]
-          for k in per_seed
-          if per_seed[k].get(key) is not None
-          and start.get(k if k in start else 0, {}).get(key) is not None
+          s[key] - start_of(k)[key]
+          for k, s in per_seed.items()
+          if s.get(key) is not None and start_of(k).get(key) is not None
       ]
       if pairs:
         row[f"{key}_minus_start"] = paired_interval(pairs)
