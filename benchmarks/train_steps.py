@@ -111,16 +111,35 @@ class _Stepper:
     return metrics
 
 
+def _models_and_params(cfg: ModelConfig, logprob_chunk: int = 0):
+  policy = Transformer(cfg, head="lm", logprob_chunk=logprob_chunk)
+  value = Transformer(cfg, head="value")
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  init = lambda m, seed: nn.meta.unbox(m.init(jax.random.key(seed), tokens, tokens + 1)["params"])
+  policy_params = init(policy, 0)
+  return policy, value, policy_params, value_params_from_policy(policy_params, init(value, 1))
+
+
+def _dqo_stepper(cfg: ModelConfig, batch, logprob_chunk: int = 0) -> _Stepper:
+  policy, value, policy_params, value_params = _models_and_params(cfg, logprob_chunk)
+  tx = make_optimizer(OPT, 1000)
+  return _Stepper(
+      make_dqo_step(policy, value, tx, tx, DQO),
+      # Copies: the value model's trunk is the policy's arrays, and both states are donated.
+      PolicyValueState(
+          policy=TrainState.create(jax.tree.map(jnp.copy, policy_params), tx),
+          value=TrainState.create(jax.tree.map(jnp.copy, value_params), tx),
+      ),
+      batch,
+  )
+
+
 def steps_and_floors(size: str):
   """{name: (zero-argument call, compiled)} for the steps and the two forward+backward passes."""
   model_kwargs, b, p, r, _ = SIZES[size]
   cfg = ModelConfig(vocab_size=VOCAB, **model_kwargs)
-  policy, value = Transformer(cfg, head="lm"), Transformer(cfg, head="value")
   batch = make_batch(b, p, r)
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  init = lambda m, seed: nn.meta.unbox(m.init(jax.random.key(seed), tokens, tokens + 1)["params"])
-  policy_params = init(policy, 0)
-  value_params = value_params_from_policy(policy_params, init(value, 1))
+  policy, value, policy_params, value_params = _models_and_params(cfg)
   tx = make_optimizer(OPT, 1000)
   new_state = lambda params: TrainState.create(jax.tree.map(jnp.copy, params), tx)
   # The floor: gradients of the simplest losses of each model's outputs, nothing else. The batch
@@ -136,11 +155,7 @@ def steps_and_floors(size: str):
       )
   }
   steppers = dict(
-      dqo=_Stepper(
-          make_dqo_step(policy, value, tx, tx, DQO),
-          PolicyValueState(policy=new_state(policy_params), value=new_state(value_params)),
-          batch,
-      ),
+      dqo=_dqo_stepper(cfg, batch),
       sft=_Stepper(policy_step.make_sft_step(policy, tx), new_state(policy_params), batch),
       dpo=_Stepper(
           policy_step.make_policy_step(policy, tx, policy_step.dpo_objective(0.1)),
@@ -213,4 +228,43 @@ def rows(quick: bool, size: str | None = None) -> list[dict]:
             notes="memory_analysis() of the compiled step; baseline: its fwd+bwd pass(es)' peaks",
         )
     )
-  return out
+  return out + chunked_logprob_rows(size)
+
+
+LARGE_VOCAB = 32_768
+
+
+def chunked_logprob_rows(size: str) -> list[dict]:
+  """The DQO step at a 32k-entry vocabulary: response log-probs from the whole [B, R, V] logits
+  against `model.logprob_chunk = R / 4` (a quarter of the logits at a time, recomputed in the
+  backward pass). Peak memory is the target; the time ratio is the recomputation's price."""
+  model_kwargs, b, p, r, repeats = SIZES[size]
+  cfg = ModelConfig(vocab_size=LARGE_VOCAB, **model_kwargs)
+  batch = make_batch(b, p, r)
+  chunk = r // 4
+  steppers = {"whole": _dqo_stepper(cfg, batch), "chunked": _dqo_stepper(cfg, batch, chunk)}
+  times = interleaved(steppers, repeats)
+  peak = {name: peak_mib(s.compiled) for name, s in steppers.items()}
+  shape = (
+      f"d_model {model_kwargs['d_model']}, {model_kwargs['n_layers']} layers, vocab "
+      f"{LARGE_VOCAB}, batch {b} x (prompt {p} + response {r}), logprob_chunk {chunk}"
+  )
+  return [
+      row(
+          "peak memory DQO step, chunked log-probs / whole logits",
+          peak["chunked"],
+          baseline=peak["whole"],
+          ratio=peak["chunked"] / peak["whole"],
+          target=0.6,
+          unit="MiB",
+          notes=f"memory_analysis() of the compiled steps; {shape}",
+      ),
+      row(
+          "DQO step time, chunked log-probs / whole logits",
+          statistics.median(times["chunked"]) * 1e3,
+          baseline=statistics.median(times["whole"]) * 1e3,
+          ratio=median_ratio(times["chunked"], times["whole"]),
+          unit="ms",
+          notes=f"interleaved, {repeats} rounds; {shape}",
+      ),
+  ]

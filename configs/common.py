@@ -104,6 +104,7 @@ def base_config():
       steps=1000,
       batch_size=64,
       grad_accum_steps=1,
+      length_buckets=8,  # as train.length_buckets
       optimizer=optimizer(1e-5, 50),
       max_consecutive_nonfinite=10,
   )
@@ -155,9 +156,11 @@ def task_config(task, *, max_prompt_len, max_response_len, instruction, template
 # How a model runs, for every preset: `dtype` is the compute dtype (bfloat16 matmuls, with
 # parameters and optimizer state kept in float32 as master copies); `remat` is what each decoder
 # block keeps for the backward pass: "none", "dots" (matmul outputs) or "full" (recompute it all;
-# least memory); `attention` is the kernel (dqo_jax/attention.py). `--compile_only` shows what
-# each choice costs on a TPU slice (docs/scaling.md).
-RUN_OPTIONS = dict(dtype="bfloat16", remat="none", attention="xla")
+# least memory); `attention` is the kernel (dqo_jax/attention.py); `logprob_chunk` > 0 computes
+# the train steps' response log-probs that many positions at a time, so that the float32
+# [batch, response, vocab] logits never exist whole (0: whole; benchmarks/train_steps.py).
+# `--compile_only` shows what each choice costs on a TPU slice (docs/scaling.md).
+RUN_OPTIONS = dict(dtype="bfloat16", remat="none", attention="xla", logprob_chunk=0)
 
 
 def pretrained_model(preset: str):
@@ -180,6 +183,7 @@ def tiny_model():
           dtype="float32",  # a model this small runs on CPU, where bfloat16 gains nothing
           attention="xla",
           remat="none",
+          logprob_chunk=0,
       )
   )
 

@@ -89,6 +89,15 @@ def check_config(config) -> list[str]:
   remat = config.model.get("remat", "none")
   if remat not in REMAT_POLICIES:
     raise UserError(f"config.model.remat={remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+  chunk = config.model.get("logprob_chunk", 0)
+  if not isinstance(chunk, int) or chunk < 0:
+    raise UserError(
+        f"config.model.logprob_chunk={chunk!r} must be a number of positions (0: whole logits)"
+    )
+  for section in ("sft", "train"):
+    buckets = config[section].get("length_buckets", 1)
+    if not isinstance(buckets, int) or buckets < 1:
+      raise UserError(f"config.{section}.length_buckets={buckets!r} must be 1 (off) or more")
   d = config.dqo
   if d.importance_traces and d.c_max > d.rho_max:
     raise UserError(

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dqo_jax import attention, sharding
+from dqo_jax.losses import token_logprobs
 
 Cache = dict[str, Any]
 
@@ -324,15 +325,31 @@ class Transformer(nn.Module):
   cfg: ModelConfig
   head: str = "lm"
   remat: str = "none"  # a key of REMAT_POLICIES; applies to calls without a cache (training)
+  # > 0: calls given `targets` project the vocabulary this many positions at a time.
+  logprob_chunk: int = 0
 
   @nn.compact
-  def __call__(self, tokens, attention_mask, cache: Cache | None = None, cache_index=0):
+  def __call__(
+      self,
+      tokens,
+      attention_mask,
+      cache: Cache | None = None,
+      cache_index=0,
+      targets=None,
+      first_output: int = 0,
+  ):
     """tokens, attention_mask: [B, L]. Returns (out, cache).
 
     out is logits [B, L, V] for the LM head or values [B, L] for the value head; position i's
     output is computed from tokens <= i. Without `cache`, attention is causal over this call's
     tokens and the returned cache is None. With `cache`, this call's keys are written at slots
     [cache_index, cache_index + L) and queries attend to every earlier real slot.
+
+    `first_output` (static): only positions >= it get an output, [B, L - first_output, ...]; the
+    earlier ones (a prompt's) still feed attention but skip the head. `targets` [B, L -
+    first_output] (LM head): out is log pi(targets) [B, L - first_output] float32 instead of the
+    logits, computed `logprob_chunk` positions at a time when that is set, so that the float32
+    [B, L, V] logits never exist whole, in the forward or the backward pass.
     """
     c = self.cfg
     embed = self.param("embed", _init(("vocab", "embed")), (c.vocab_size, c.d_model))
@@ -373,19 +390,26 @@ class Transformer(nn.Module):
       new_v.append(v)
     # Per-layer arrays, not one stacked array: stacking would copy the whole cache every
     # decode step, while separate buffers are updated in place inside the while loop.
-    x = RMSNorm(c.norm_eps, c.norm_plus_one, name="final_norm")(x)
+    x = RMSNorm(c.norm_eps, c.norm_plus_one, name="final_norm")(x)[:, first_output:]
     if self.head == "value":
       # Zero-initialised so a value model built on a trained trunk starts at V = 0.
       w = self.param("value_head", _init(("embed",), nn.initializers.zeros), (c.d_model,))
-      out = jnp.einsum("bld,d->bl", x.astype(jnp.float32), w)
-    elif c.tie_embeddings:
-      out = jnp.einsum("bld,vd->blv", x, embed.astype(x.dtype)).astype(jnp.float32)
+      out = _constrain(jnp.einsum("bld,d->bl", x.astype(jnp.float32), w))
     else:
-      w = self.param("lm_head", _init(("embed", "vocab")), (c.d_model, c.vocab_size))
-      out = jnp.einsum("bld,dv->blv", x, w.astype(x.dtype)).astype(jnp.float32)
-    if self.head == "lm" and c.final_softcap:
-      out = c.final_softcap * jnp.tanh(out / c.final_softcap)
-    out = _constrain(out, "vocab") if self.head == "lm" else _constrain(out)
+      if c.tie_embeddings:
+        w = embed.T
+      else:
+        w = self.param("lm_head", _init(("embed", "vocab")), (c.d_model, c.vocab_size))
+
+      def logits(h):
+        z = jnp.einsum("bld,dv->blv", h, w.astype(h.dtype)).astype(jnp.float32)
+        z = c.final_softcap * jnp.tanh(z / c.final_softcap) if c.final_softcap else z
+        return _constrain(z, "vocab")
+
+      if targets is None:
+        out = logits(x)
+      else:
+        out = _constrain(_target_logprobs(logits, x, targets, self.logprob_chunk))
     if cache is None:
       return out, None
     new_cache = dict(
@@ -395,6 +419,25 @@ class Transformer(nn.Module):
         next_position=cache["next_position"] + attention_mask.sum(-1),
     )
     return out, new_cache
+
+
+def _target_logprobs(logits, x, targets, chunk: int):
+  """log softmax(logits(x))[targets]: x [B, L, D], targets [B, L] -> [B, L] float32.
+
+  With 0 < chunk < L the positions go through `logits` in chunks of `chunk` under `lax.map`, each
+  chunk rematerialised in the backward pass: one chunk's [B, chunk, V] logits live at a time,
+  for one more vocabulary projection in the backward pass.
+  """
+  b, length, d = x.shape
+  if not 0 < chunk < length:
+    return token_logprobs(logits(x), targets)
+  n = -(-length // chunk)
+  pad = n * chunk - length
+  # [n, B, chunk, ...]: the token axis, never sharded, is the one scanned over.
+  xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+  ts = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+  one = jax.checkpoint(lambda xt: token_logprobs(logits(xt[0]), xt[1]))
+  return jax.lax.map(one, (xs, ts)).swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:

@@ -103,8 +103,11 @@ def generate(
 
   prompt, prompt_mask = by_row(prompt), by_row(prompt_mask)
   cache = jax.tree.map(by_row, init_cache(model.cfg, b, p + max_new_tokens))
-  logits, cache = model.apply({"params": params}, prompt, prompt_mask, cache=cache, cache_index=0)
-  # Left padding puts every prompt's last real token in the last column.
+  # Left padding puts every prompt's last real token in the last column: its logits are the only
+  # ones needed ([B, 1, V], not [B, P, V]).
+  logits, cache = model.apply(
+      {"params": params}, prompt, prompt_mask, cache=cache, cache_index=0, first_output=p - 1
+  )
   last = logits[:, -1]
   if stop_sequences:
     table, used = _stop_table(stop_sequences)

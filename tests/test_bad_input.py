@@ -35,6 +35,19 @@ def test_batch_sizes_below_one_are_refused(key, value):
     main.check_config(_config(**{key: value}))
 
 
+@pytest.mark.parametrize(
+    "key, value, fix",
+    [
+        ("model.logprob_chunk", -1, "must be a number of positions"),
+        ("sft.length_buckets", 0, "must be 1 .off. or more"),
+        ("train.length_buckets", -2, "must be 1 .off. or more"),
+    ],
+)
+def test_chunk_and_bucket_counts_are_checked(key, value, fix):
+  with pytest.raises(UserError, match=f"config.{key}={value} {fix}"):
+    main.check_config(_config(**{key: value}))
+
+
 def test_a_batch_that_does_not_split_over_the_data_mesh_is_refused():
   with pytest.raises(
       UserError,

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from dqo_jax.data import batches
-from dqo_jax.stages import train
 
 
 def _lengths(n=2000, seed=0):
@@ -78,7 +77,7 @@ def test_train_view_keeps_pairs_together_and_deterministic():
       row=np.arange(n),
   )
   pairs = np.stack([np.arange(0, n, 2), np.arange(1, n, 2)], 1)
-  batch_at = train._batches(arrays, len(pairs), 4, 0, 3, rows=lambda idx: pairs[idx])
+  batch_at = batches.batch_fn(arrays, len(pairs), 4, 0, 3, rows=lambda idx: pairs[idx])
   widths = set()
   for step in range(2 * len(pairs) // 4):
     batch = batch_at(step)
@@ -88,7 +87,7 @@ def test_train_view_keeps_pairs_together_and_deterministic():
     assert batch["response"].shape[1] >= batch["response_len"].max()
     widths.add(batch["response"].shape[1])
   assert 1 < len(widths) <= 3
-  unbucketed = train._batches(arrays, len(pairs), 4, 0, 1, rows=lambda idx: pairs[idx])
+  unbucketed = batches.batch_fn(arrays, len(pairs), 4, 0, 1, rows=lambda idx: pairs[idx])
   assert unbucketed(0)["response"].shape == (8, width)
 
 

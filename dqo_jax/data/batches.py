@@ -179,3 +179,25 @@ def cut_to_width(batch: dict[str, np.ndarray], widths: np.ndarray, length: int) 
   """The batch with its response arrays cut to the narrowest width that holds `length` tokens."""
   width = int(widths[np.searchsorted(widths, length)])
   return {k: v[:, :width] if k in RESPONSE_KEYS else v for k, v in batch.items()}
+
+
+def batch_fn(arrays, n, batch_size, seed, num_buckets, rows=lambda idx: idx):
+  """batch_at over `n` examples; rows(idx) maps example indices to rows of `arrays` (any
+  shape: [B] or [B, 2] for pairs, laid out as the first then the second of each).
+
+  num_buckets > 1: batches of similar response lengths (a pair counts as its longer response),
+  their response arrays cut to one of at most `num_buckets` widths (`bucket_widths`); 1: batches
+  in plain epoch order, every response padded to the arrays' width."""
+  flat = lambda idx: idx.T.reshape(-1) if idx.ndim == 2 else idx
+  if num_buckets <= 1:
+    return lambda i: take(arrays, flat(rows(batch_indices(n, batch_size, i, seed))))
+  example_rows = rows(np.arange(n))
+  lengths = arrays["response_len"][example_rows]
+  lengths = lengths.max(axis=1) if lengths.ndim == 2 else lengths
+  widths = bucket_widths(lengths, num_buckets, arrays["response"].shape[1])
+
+  def batch_at(i):
+    idx = bucketed_batch_indices(lengths, widths, batch_size, i, seed)
+    return cut_to_width(take(arrays, flat(example_rows[idx])), widths, lengths[idx].max())
+
+  return batch_at

@@ -96,7 +96,12 @@ class Context:
 
   @functools.cached_property
   def policy_model(self) -> Transformer:
-    return Transformer(self.model_cfg, head="lm", remat=self.config.model.get("remat", "none"))
+    return Transformer(
+        self.model_cfg,
+        head="lm",
+        remat=self.config.model.get("remat", "none"),
+        logprob_chunk=self.config.model.get("logprob_chunk", 0),
+    )
 
   @functools.cached_property
   def value_model(self) -> Transformer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax
 
-from dqo_jax.data.batches import batch_indices, take
+from dqo_jax.data.batches import batch_fn
 from dqo_jax.stages.context import Context
 from dqo_jax.stages.monitor import accuracy_monitor
 from dqo_jax.train.loop import fit
@@ -17,8 +17,9 @@ BATCH_KEYS = ("prompt", "prompt_mask", "response", "response_len")
 def run(ctx: Context) -> dict:
   cfg = ctx.config
   init_fn, tx = ctx.sft_init_fn()
-  arrays, n = ctx.gold.arrays, len(ctx.gold)
-  batch_at = lambda i: take(arrays, batch_indices(n, cfg.sft.batch_size, i, cfg.seed), BATCH_KEYS)
+  arrays = {k: ctx.gold.arrays[k] for k in BATCH_KEYS}
+  n, buckets = len(ctx.gold), int(cfg.sft.get("length_buckets", 1))
+  batch_at = batch_fn(arrays, n, cfg.sft.batch_size, cfg.seed, buckets)
   _, summary = fit(
       stage_dir=ctx.stage_dir("sft"),
       init_fn=init_fn,

@@ -18,13 +18,7 @@ import numpy as np
 from dqo_jax import bandit_losses
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import views
-from dqo_jax.data.batches import (
-    batch_indices,
-    bucket_widths,
-    bucketed_batch_indices,
-    cut_to_width,
-    take,
-)
+from dqo_jax.data.batches import batch_fn
 from dqo_jax.data.offline import FIELDS, read_records, to_arrays
 from dqo_jax.stages.context import Context, rebox, run_name
 from dqo_jax.stages.monitor import accuracy_monitor
@@ -90,27 +84,6 @@ class View:
   describe: dict
 
 
-def _batches(arrays, n, batch_size, seed, num_buckets, rows=lambda idx: idx):
-  """batch_at over `n` examples; rows(idx) maps example indices to rows of `arrays` (any
-  shape: [B] or [B, 2] for pairs, laid out as the first then the second of each).
-
-  num_buckets > 1: batches of similar response lengths (a pair counts as its longer response),
-  their response arrays cut to one of at most `num_buckets` widths (`data.batches`)."""
-  flat = lambda idx: idx.T.reshape(-1) if idx.ndim == 2 else idx
-  if num_buckets <= 1:
-    return lambda i: take(arrays, flat(rows(batch_indices(n, batch_size, i, seed))))
-  example_rows = rows(np.arange(n))
-  lengths = arrays["response_len"][example_rows]
-  lengths = lengths.max(axis=1) if lengths.ndim == 2 else lengths
-  widths = bucket_widths(lengths, num_buckets, arrays["response"].shape[1])
-
-  def batch_at(i):
-    idx = bucketed_batch_indices(lengths, widths, batch_size, i, seed)
-    return cut_to_width(take(arrays, flat(example_rows[idx])), widths, lengths[idx].max())
-
-  return batch_at
-
-
 def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
   """The method's data view and its step function."""
   cfg = ctx.config
@@ -121,7 +94,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
   _, txs = init_fn(ctx)
   if method == "sft":
     arrays = {k: ctx.gold.arrays[k] for k in views.TOKEN_KEYS}
-    view = View(_batches(arrays, len(ctx.gold), t.batch_size, seed, buckets), len(ctx.gold), {})
+    view = View(batch_fn(arrays, len(ctx.gold), t.batch_size, seed, buckets), len(ctx.gold), {})
     return view, policy_step.make_policy_step(
         ctx.policy_model, txs[0], policy_step.nll_objective, accum
     )
@@ -135,7 +108,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
     rft = views.rft_arrays(records, arrays, ctx.gold, known)
     size = len(rft["response_len"])
     view = View(
-        _batches(rft, size, t.batch_size, seed, buckets),
+        batch_fn(rft, size, t.batch_size, seed, buckets),
         size,
         dict(gold=len(ctx.gold), kept_samples=size - len(ctx.gold)),
     )
@@ -145,7 +118,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
   if method == "dpo":
     pairs = views.dpo_pairs(records, cfg.dpo.max_pairs_per_prompt, seed)
     view = View(
-        _batches(arrays, len(pairs), t.batch_size, seed, buckets, rows=lambda idx: pairs[idx]),
+        batch_fn(arrays, len(pairs), t.batch_size, seed, buckets, rows=lambda idx: pairs[idx]),
         len(pairs),
         dict(pairs=len(pairs), prompts=len({records[i]["prompt_index"] for i in pairs[:, 0]})),
     )
@@ -172,7 +145,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
         n_d, n - n_d, target_ratio=float(cfg.kto.desirable_ratio)
     )
     view = View(
-        _batches(
+        batch_fn(
             both, n, t.batch_size, seed, buckets, rows=lambda idx: np.stack([idx, idx + n], 1)
         ),
         n,
@@ -184,7 +157,7 @@ def _view(ctx: Context, sft_params) -> tuple[View, Callable]:
     arrays.update(
         views.process_arrays(read_potentials(ctx), arrays["response_len"], data.max_response_len)
     )
-  return View(_batches(arrays, n, t.batch_size, seed, buckets), n, {}), policy_value_step(ctx)
+  return View(batch_fn(arrays, n, t.batch_size, seed, buckets), n, {}), policy_value_step(ctx)
 
 
 def offline_arrays(
