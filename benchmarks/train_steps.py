@@ -236,15 +236,19 @@ LARGE_VOCAB = 32_768
 
 def chunked_logprob_rows(size: str) -> list[dict]:
   """The DQO step at a 32k-entry vocabulary: response log-probs from the whole [B, R, V] logits
-  against `model.logprob_chunk = R / 4` (a quarter of the logits at a time, recomputed in the
-  backward pass). Peak memory is the target; the time ratio is the recomputation's price."""
+  against `model.logprob_chunk = 16` positions at a time (recomputed in the backward pass). Peak
+  memory is the target; the time ratio is the recomputation's price. The value model's forward
+  and backward pass, which has no logits, shows the floor the trunk sets."""
   model_kwargs, b, p, r, repeats = SIZES[size]
   cfg = ModelConfig(vocab_size=LARGE_VOCAB, **model_kwargs)
   batch = make_batch(b, p, r)
-  chunk = r // 4
+  chunk = min(16, r // 2)
   steppers = {"whole": _dqo_stepper(cfg, batch), "chunked": _dqo_stepper(cfg, batch, chunk)}
   times = interleaved(steppers, repeats)
   peak = {name: peak_mib(s.compiled) for name, s in steppers.items()}
+  _, value, _, value_params = _models_and_params(cfg)
+  value_grad = jax.grad(lambda w, b: jnp.sum(response_values(value, w, b) * response_mask(b)))
+  trunk = peak_mib(jax.jit(value_grad).lower(value_params, batch).compile())
   shape = (
       f"d_model {model_kwargs['d_model']}, {model_kwargs['n_layers']} layers, vocab "
       f"{LARGE_VOCAB}, batch {b} x (prompt {p} + response {r}), logprob_chunk {chunk}"
@@ -257,7 +261,10 @@ def chunked_logprob_rows(size: str) -> list[dict]:
           ratio=peak["chunked"] / peak["whole"],
           target=0.6,
           unit="MiB",
-          notes=f"memory_analysis() of the compiled steps; {shape}",
+          notes=(
+              f"memory_analysis() of the compiled steps; {shape}; the value model's fwd+bwd "
+              f"alone (no logits): {trunk:,.0f} MiB"
+          ),
       ),
       row(
           "DQO step time, chunked log-probs / whole logits",

@@ -177,6 +177,7 @@ def test_value_model_from_the_imported_trunk_starts_at_zero(family):
   tokens, mask = _batch()
   fresh = nn.meta.unbox(value.init(jax.random.key(1), tokens[:1], mask[:1])["params"])
   merged = value_params_from_policy(params, fresh)
+  assert "lm_head" not in merged and "value_head" in merged
   np.testing.assert_array_equal(
       merged["layer_0"]["attn"]["q"]["kernel"], params["layer_0"]["attn"]["q"]["kernel"]
   )

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dqo_jax.model import ModelConfig, Transformer, init_cache, value_params_from_policy
+from dqo_jax.model import ModelConfig, Transformer, init_cache
 
 CFG = ModelConfig(
     vocab_size=40,
@@ -78,19 +78,6 @@ def test_kv_cache_decode_matches_full_forward(head):
   cached = jnp.concatenate(steps, 1)
   valid = np.concatenate([pmask, np.ones_like(cont)], 1).astype(bool)
   np.testing.assert_allclose(np.asarray(cached)[valid], np.asarray(full)[valid], atol=1e-4)
-
-
-def test_value_model_starts_from_the_policy_trunk_at_zero():
-  policy, value = Transformer(CFG), Transformer(CFG, head="value")
-  pp, vp = _params(policy, 0), _params(value, 1)
-  merged = value_params_from_policy(pp, vp)
-  assert "lm_head" not in merged and "value_head" in merged
-  np.testing.assert_array_equal(
-      merged["layer_0"]["mlp"]["up"]["kernel"], pp["layer_0"]["mlp"]["up"]["kernel"]
-  )
-  tokens = jnp.array([[4, 5, 6]])
-  v, _ = value.apply({"params": merged}, tokens, jnp.ones_like(tokens))
-  np.testing.assert_array_equal(v, np.zeros((1, 3)))
 
 
 def test_rejects_heads_not_divisible_by_kv_heads():

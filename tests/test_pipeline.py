@@ -3,6 +3,7 @@ finished stages, resuming after SIGTERM and kill -9, and one-line errors for bad
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,13 +165,18 @@ def test_a_run_that_fails_its_checks_leaves_config_json_as_it_was(finished):
   assert (workdir / "config.json").read_bytes() == before
 
 
+def _copy_of(finished, tmp_path):
+  """A copy of the finished workdir, for a test that adds to it: the others then see the first
+  run's outputs alone, whatever order the tests run in."""
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished[0], workdir)
+  return workdir
+
+
 def _hostile_copy(finished, tmp_path, change):
   """The finished workdir's SFT model and samples, with `change(record, index)` applied to
   every offline sample."""
-  import shutil
-
-  workdir = tmp_path / "hostile"
-  shutil.copytree(finished[0], workdir)
+  workdir = _copy_of(finished, tmp_path)
   path = str(workdir / "sample" / "samples.array_record")
   records = read_records(path)
   for i, r in enumerate(records):
@@ -258,10 +264,10 @@ def test_rerun_with_another_config_warns_that_finished_stages_are_kept(finished)
   assert "[dqo] already complete" in proc.stdout
 
 
-def test_other_methods_reuse_the_workdirs_sft_model_and_samples(finished):
+def test_other_methods_reuse_the_workdirs_sft_model_and_samples(finished, tmp_path):
   """--config.method switches the trained method; SFT and samples are not recomputed. The tiny
   SFT model solves nothing, so DPO finds no pairs and says so in one line."""
-  workdir, _ = finished
+  workdir = _copy_of(finished, tmp_path)
   proc = _run(workdir, "--config.method=kto")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "[sft] already complete" in proc.stdout and "[sample] already complete" in proc.stdout
@@ -278,8 +284,8 @@ def test_other_methods_reuse_the_workdirs_sft_model_and_samples(finished):
   )
 
 
-def test_process_supervision_rolls_out_every_step_once(finished):
-  workdir, _ = finished
+def test_process_supervision_rolls_out_every_step_once(finished, tmp_path):
+  workdir = _copy_of(finished, tmp_path)
   proc = _run(workdir, "--config.dqo.process.enabled=True")
   assert proc.returncode == 0, proc.stderr[-2000:]
   records = read_records(str(workdir / "sample" / "samples.array_record"))

@@ -30,7 +30,7 @@ from dqo_jax.metrics import read_scalars
 from dqo_jax.train.loop import Interrupted, abstract_state, fit
 from dqo_jax.train.policy_value_step import dqo_objective, make_policy_value_step
 from dqo_jax.train.state import make_optimizer
-from test_train_step import DQO, OPT, RULES, _batch, _dqo_setup
+from helpers import DQO, OPT, RULES, dqo_setup, random_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
@@ -42,7 +42,7 @@ def _mesh():
 
 
 def _batch_at(i):
-  return _batch(np.random.default_rng(i))
+  return random_batch(np.random.default_rng(i))
 
 
 def _train(
@@ -58,7 +58,7 @@ def _train(
     log_every=5,
 ):
   if init_fn is None:
-    init_fn, step_fn, _, _ = _dqo_setup()
+    init_fn, step_fn, _, _ = dqo_setup()
   return fit(
       stage_dir=str(workdir),
       init_fn=init_fn,
@@ -76,7 +76,7 @@ def _train(
 
 
 def _restore(workdir, step, init_fn=None):
-  abstract, _ = abstract_state(init_fn or _dqo_setup()[0], _mesh(), RULES)
+  abstract, _ = abstract_state(init_fn or dqo_setup()[0], _mesh(), RULES)
   ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), every=1)
   try:
     return ckpt.restore(abstract, step)
@@ -226,7 +226,7 @@ def test_checkpoints_that_never_restore_are_an_error_not_a_fresh_start(tmp_path)
 def _scaled_dqo_setup():
   """The DQO step with its value loss multiplied by the mean of batch['scale'] [B]: NaN there
   makes only the value loss non-finite, and neither model may move."""
-  init_fn, _, policy, value = _dqo_setup()
+  init_fn, _, policy, value = dqo_setup()
   objective = dqo_objective(DQO)
 
   def scaled(logp, values, batch, step):

@@ -85,27 +85,30 @@ def test_grade_batch():
     grade_batch("arith", ["#### 1"], [])
 
 
-# Built lazily so that collection stays cheap and test ids stay short.
+# Built lazily so that collection stays cheap and test ids stay short; each is refused, with the
+# reason it gets.
+NO_NUMBER, NO_LINE = "no number after the last '####'", "no '####' answer line"
 _HOSTILE = {
-    "10MB digits after marker": lambda: "#### " + "9" * 10_000_000,
-    "10MB digits": lambda: "9" * 10_000_000,
-    "10MB hashes": lambda: "#" * 10_000_000,
-    "10MB commas": lambda: "#### 1" + "," * 10_000_000,
-    "10MB spaces": lambda: "#### " + " " * 10_000_000 + "1",
-    "9M non-ascii then marker": lambda: "\u00e9\u4e2d\U0001f600" * 3_000_000 + "#### 1",
-    "3M markers": lambda: "####" * 3_000_000,
-    "5M digit-comma pairs": lambda: "#### " + "1," * 5_000_000,
+    "10MB digits after marker": (lambda: "#### " + "9" * 10_000_000, NO_NUMBER),
+    "10MB digits": (lambda: "9" * 10_000_000, NO_LINE),
+    "10MB hashes": (lambda: "#" * 10_000_000, NO_NUMBER),
+    "10MB commas": (lambda: "#### 1" + "," * 10_000_000, NO_NUMBER),
+    "10MB spaces": (lambda: "#### " + " " * 10_000_000 + "1", NO_NUMBER),
+    "9M non-ascii then marker": (lambda: "\u00e9\u4e2d\U0001f600" * 3_000_000 + "#### 1", NO_LINE),
+    "3M markers": (lambda: "####" * 3_000_000, NO_NUMBER),
+    "5M digit-comma pairs": (lambda: "#### " + "1," * 5_000_000, NO_NUMBER),
 }
 
 
-@pytest.mark.parametrize("make_response", _HOSTILE.values(), ids=_HOSTILE.keys())
-def test_hostile_inputs_are_fast(make_response):
+@pytest.mark.parametrize("make_response, reason", _HOSTILE.values(), ids=_HOSTILE.keys())
+def test_hostile_inputs_are_refused_in_linear_time(make_response, reason):
   response = make_response()
   start = time.perf_counter()
   result = grade("arith", response, "1")
-  assert time.perf_counter() - start < 0.5
-  assert isinstance(result, Grade)
-  assert result.predicted is None or len(result.predicted) <= 64
+  # A hang guard, not a speed target: each takes under 0.1 s here, and a regular expression that
+  # backtracked over these 10 MB would take hours.
+  assert time.perf_counter() - start < 10
+  assert result == Grade(correct=False, predicted=None, reason=reason)
 
 
 def test_importing_rewards_does_not_import_jax():

@@ -2,8 +2,6 @@
 and the DQO step's single-pass gradients equal plain autodiff of its losses."""
 
 import functools
-import importlib.util
-import os
 
 import flax.linen as nn
 import jax
@@ -15,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from dqo_jax import losses, sharding
 from dqo_jax.errors import UserError
-from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
+from dqo_jax.model import Transformer
 from dqo_jax.train import policy_step
 from dqo_jax.train.forward import response_logprobs, response_mask, response_values
 from dqo_jax.train.loop import abstract_state, init_state, jit_step
@@ -28,88 +26,7 @@ from dqo_jax.train.policy_value_step import (
     make_policy_value_step,
 )
 from dqo_jax.train.state import TrainState, make_optimizer
-
-CFG = ModelConfig(
-    vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
-)
-
-
-def _default_rules():
-  """The logical-axis rules of the default config, so the test shards as a user's run does."""
-  path = os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "arith.py"
-  )
-  spec = importlib.util.spec_from_file_location("arith_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return sharding.logical_rules(module.get_config().mesh)
-
-
-RULES = _default_rules()
-OPT = ml_collections.ConfigDict(
-    dict(lr=1e-3, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b2=0.98)
-)
-DQO = ml_collections.ConfigDict(
-    dict(
-        beta=0.1,
-        lam=0.95,
-        importance_traces=True,
-        rho_max=1.0,
-        c_max=1.0,
-        loss_norm="token",
-        value_warmup_steps=0,
-        process=dict(enabled=False, alpha=1.0),
-    )
-)
-
-
-def _batch(rng, b=16, p=6, r=7):
-  prompt_len = rng.integers(2, p + 1, b)
-  prompt = np.zeros((b, p), np.int32)
-  pmask = np.zeros((b, p), np.int32)
-  for i, n in enumerate(prompt_len):
-    prompt[i, p - n :] = rng.integers(4, 32, n)
-    pmask[i, p - n :] = 1
-  response_len = rng.integers(1, r + 1, b).astype(np.int32)
-  response = rng.integers(4, 32, (b, r)).astype(np.int32)
-  response[np.arange(r)[None] >= response_len[:, None]] = 0
-  return dict(
-      prompt=prompt,
-      prompt_mask=pmask,
-      response=response,
-      response_len=response_len,
-      reward=rng.integers(0, 2, b).astype(np.float32),
-      behaviour_logprobs=-rng.uniform(0, 3, (b, r)).astype(np.float32),
-      ref_logprobs=-rng.uniform(0, 3, (b, r)).astype(np.float32),
-  )
-
-
-def _init_params(model, rng):
-  t = jnp.zeros((1, 4), jnp.int32)
-  return model.init(rng, t, jnp.ones_like(t))["params"]
-
-
-def _dqo_setup(grad_accum_steps=1):
-  policy, value = Transformer(CFG), Transformer(CFG, head="value")
-  ptx, vtx = make_optimizer(OPT, 10), make_optimizer(OPT, 10)
-
-  def init_fn(rng):
-    pp = _init_params(policy, rng)
-    vp = _init_params(value, rng)
-    vp = jax.tree.map(
-        lambda b, v: b.replace_boxed(v),
-        vp,
-        value_params_from_policy(nn.meta.unbox(pp), nn.meta.unbox(vp)),
-        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
-    )
-    # A non-zero head, so that values (and the value gradient path) are exercised.
-    vp["value_head"] = vp["value_head"].replace_boxed(
-        0.1 * jax.random.normal(rng, vp["value_head"].value.shape)
-    )
-    return DQOState(policy=TrainState.create(pp, ptx), value=TrainState.create(vp, vtx))
-
-  step = make_dqo_step(policy, value, ptx, vtx, DQO, grad_accum_steps=grad_accum_steps)
-  return init_fn, step, policy, value
+from helpers import CFG, DQO, OPT, RULES, dqo_setup, init_params, random_batch
 
 
 def _run(init_fn, step_fn, mesh_shape, batches):
@@ -129,9 +46,9 @@ def _run(init_fn, step_fn, mesh_shape, batches):
 @functools.cache
 def _dqo_reference():
   """Three DQO steps on one device: what every mesh must reproduce."""
-  init_fn, step_fn, _, _ = _dqo_setup()
+  init_fn, step_fn, _, _ = dqo_setup()
   rng = np.random.default_rng(0)
-  batches = [_batch(rng) for _ in range(3)]
+  batches = [random_batch(rng) for _ in range(3)]
   return batches, _run(init_fn, step_fn, (1, 1, 1), batches)
 
 
@@ -162,7 +79,7 @@ MESH_BLOCKS = {
 @pytest.mark.parametrize("mesh_shape", sorted(MESH_BLOCKS), ids=lambda m: "x".join(map(str, m)))
 def test_dqo_step_on_8_device_meshes_matches_one_device(mesh_shape):
   assert len(jax.devices()) >= 8, "conftest sets 8 simulated CPU devices"
-  init_fn, step_fn, _, _ = _dqo_setup()
+  init_fn, step_fn, _, _ = dqo_setup()
   batches, ref = _dqo_reference()
   state, metrics = _run(init_fn, step_fn, mesh_shape, batches)
   _assert_same_run(ref, (state, metrics))
@@ -180,10 +97,10 @@ def test_dqo_gradient_accumulation_matches_the_full_batch():
   parameters as the whole 32-row batch, although the token-mean losses and the logged means
   normalise by the token count of the whole batch."""
   rng = np.random.default_rng(5)
-  batches = [_batch(rng, b=32) for _ in range(2)]
+  batches = [random_batch(rng, b=32) for _ in range(2)]
   runs = []
   for k in (1, 4):
-    init_fn, step_fn, _, _ = _dqo_setup(grad_accum_steps=k)
+    init_fn, step_fn, _, _ = dqo_setup(grad_accum_steps=k)
     runs.append(_run(init_fn, step_fn, (2, 4, 1), batches))
   _assert_same_run(*runs)
 
@@ -208,18 +125,18 @@ def test_kto_gradient_accumulation_matches_the_full_batch():
 
 
 def test_gradient_accumulation_must_divide_the_batch():
-  init_fn, step_fn, _, _ = _dqo_setup(grad_accum_steps=3)
+  init_fn, step_fn, _, _ = dqo_setup(grad_accum_steps=3)
   state = nn.meta.unbox(jax.eval_shape(init_fn, jax.random.key(0)))
   with pytest.raises(UserError, match="config.train.grad_accum_steps=3 .* divisor of 16"):
-    jax.eval_shape(step_fn, state, _batch(np.random.default_rng(0)))
+    jax.eval_shape(step_fn, state, random_batch(np.random.default_rng(0)))
 
 
 def test_sft_step_on_8_devices_matches_one_device_and_learns():
   model = Transformer(CFG)
   tx = make_optimizer(ml_collections.ConfigDict(dict(OPT, lr=1e-2)), 30)
-  init_fn = lambda rng: TrainState.create(_init_params(model, rng), tx)
+  init_fn = lambda rng: TrainState.create(init_params(model, rng), tx)
   rng = np.random.default_rng(1)
-  batch = _batch(rng)
+  batch = random_batch(rng)
   _, m1 = _run(init_fn, make_sft_step(model, tx), (1, 1, 1), [batch] * 30)
   _, m8 = _run(init_fn, make_sft_step(model, tx), (2, 4, 1), [batch] * 3)
   for a, b in zip(m1[:3], m8):
@@ -229,9 +146,9 @@ def test_sft_step_on_8_devices_matches_one_device_and_learns():
 
 def test_dqo_step_gradients_equal_autodiff_of_the_losses():
   """One forward per model with vjp must give the gradients of L_Q (policy) and L_V (value)."""
-  init_fn, _, policy, value = _dqo_setup()
+  init_fn, _, policy, value = dqo_setup()
   state = nn.meta.unbox(init_fn(jax.random.key(0)))
-  batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(2)))
+  batch = jax.tree.map(jnp.asarray, random_batch(np.random.default_rng(2)))
   captured = {}
 
   class Capture:  # an optimizer that records the gradients it is given
@@ -291,10 +208,10 @@ def optax_norm(tree):
 def test_dqo_step_logs_the_soft_advantage():
   """Without traces the logged advantage is G_t - V(s_t); at lambda = 1, G_t is the Monte-Carlo
   soft return, checked here against numpy."""
-  init_fn, _, policy, value = _dqo_setup()
+  init_fn, _, policy, value = dqo_setup()
   cfg = ml_collections.ConfigDict(dict(DQO, importance_traces=False, lam=1.0))
   state = nn.meta.unbox(init_fn(jax.random.key(0)))
-  batch = jax.tree.map(jnp.asarray, _batch(np.random.default_rng(3)))
+  batch = jax.tree.map(jnp.asarray, random_batch(np.random.default_rng(3)))
   tx = make_optimizer(OPT, 10)
   _, metrics = make_dqo_step(policy, value, tx, tx, cfg)(state, batch)
   lp = np.asarray(response_logprobs(policy, state.policy.params, batch), np.float64)
@@ -310,7 +227,7 @@ def test_dqo_step_logs_the_soft_advantage():
 
 
 def test_value_warmup_freezes_the_policy_then_releases_it():
-  init_fn, _, policy, value = _dqo_setup()
+  init_fn, _, policy, value = dqo_setup()
   cfg = ml_collections.ConfigDict(dict(DQO, value_warmup_steps=2))
   tx = make_optimizer(OPT, 10)
   step = jax.jit(make_dqo_step(policy, value, tx, tx, cfg))
@@ -321,7 +238,7 @@ def test_value_warmup_freezes_the_policy_then_releases_it():
   )
   history = [state]
   for _ in range(4):
-    state, _ = step(state, jax.tree.map(jnp.asarray, _batch(rng)))
+    state, _ = step(state, jax.tree.map(jnp.asarray, random_batch(rng)))
     history.append(state)
   assert not changed(history[0].policy.params, history[2].policy.params)
   assert int(history[2].policy.step) == 0
@@ -334,7 +251,7 @@ def test_value_warmup_freezes_the_policy_then_releases_it():
 def _policy_setup(objective, grad_accum_steps=1):
   model = Transformer(CFG)
   tx = make_optimizer(OPT, 40)
-  init_fn = lambda rng: TrainState.create(_init_params(model, rng), tx)
+  init_fn = lambda rng: TrainState.create(init_params(model, rng), tx)
   return init_fn, policy_step.make_policy_step(model, tx, objective, grad_accum_steps)
 
 
@@ -342,15 +259,15 @@ def _value_setup(objective):
   policy, value = Transformer(CFG), Transformer(CFG, head="value")
   tx = make_optimizer(OPT, 40)
   init_fn = lambda rng: DQOState(
-      policy=TrainState.create(_init_params(policy, rng), tx),
-      value=TrainState.create(_init_params(value, rng), tx),
+      policy=TrainState.create(init_params(policy, rng), tx),
+      value=TrainState.create(init_params(value, rng), tx),
   )
   return init_fn, make_policy_value_step(policy, value, tx, tx, objective)
 
 
 def _method_batch(method):
   rng = np.random.default_rng(7)
-  batch = _batch(rng)
+  batch = random_batch(rng)
   if method == "kto":
     batch["correct"] = np.concatenate([np.ones(8), np.zeros(8)]).astype(np.float32)
   if method == "dqo_ps":
