@@ -31,14 +31,17 @@ REFERENCE = {"sample.num_prompts": 2000, "sample.samples_per_prompt": 4}
 # subset alone) would repeat the reference's run, and where only beta changes, RFT's too. (The
 # budget settings leave continued SFT out for time.)
 ALL, SAMPLED, BETA = "sft,rft,dro,dqo", "rft,dro,dqo", "dro,dqo"
+LR3E4 = {"train.policy_optimizer.lr": 3e-4, "train.value_optimizer.lr": 3e-3}
 
 # The SFT starts: gold solutions of the first 1000 training problems or of all, trained for
 # 1,200 steps (the earlier default, validation accuracy still rising) or for 3,600 (where it has
-# stopped rising).
+# stopped rising), in plain shuffled batches as when these were run; and the shipped default's
+# (1000 gold, 3,000 steps in length-bucketed batches).
 STARTS = {
-    "g1000": {"data.num_gold": 1000, "sft.steps": 1200},
-    "all": {"data.num_gold": -1, "sft.steps": 1200},
-    "g1000_sft3600": {"data.num_gold": 1000, "sft.steps": 3600},  # the embedded default's
+    "g1000": {"data.num_gold": 1000, "sft.steps": 1200, "sft.length_buckets": 1},
+    "all": {"data.num_gold": -1, "sft.steps": 1200, "sft.length_buckets": 1},
+    "g1000_sft3600": {"data.num_gold": 1000, "sft.steps": 3600, "sft.length_buckets": 1},
+    "default": {},
 }
 
 # name: (axis, start, methods, overrides on top of REFERENCE). Each axis varies one thing; its
@@ -47,12 +50,7 @@ SETTINGS = {
     "g1000_ref": ("start", "g1000", ALL, {}),
     "all_ref": ("start", "all", ALL, {}),
     "g1000_sft3600_ref": ("start", "g1000_sft3600", ALL, {}),
-    "g1000_lr3e-4": (
-        "budget",
-        1000,
-        SAMPLED,
-        {"train.policy_optimizer.lr": 3e-4, "train.value_optimizer.lr": 3e-3},
-    ),
+    "g1000_lr3e-4": ("budget", "g1000", SAMPLED, LR3E4),
     "g1000_warmup100": ("value warmup", "g1000", "dqo", {"dqo.value_warmup_steps": 100}),
     "g1000_k16": ("samples per prompt", "g1000", SAMPLED, {"sample.samples_per_prompt": 16}),
     "g1000_prompts6000": ("prompts", "g1000", SAMPLED, {"sample.num_prompts": 6000}),
@@ -60,6 +58,17 @@ SETTINGS = {
     "g1000_steps1600": ("budget", "g1000", SAMPLED, {"train.steps": 1600}),
     "g1000_k2": ("samples per prompt", "g1000", SAMPLED, {"sample.samples_per_prompt": 2}),
     "g1000_beta1": ("beta", "g1000", BETA, {"dqo.beta": 1.0, "dro.beta": 1.0}),
+    # The axes again on the shipped default's start, where the reward is the only new signal;
+    # dqo_ps is DQO with process supervision (Monte-Carlo rollouts of the SFT policy at every
+    # step, the paper's case for token-level credit).
+    "default_ref": ("start", "default", ALL + ",dqo_ps", {}),
+    "default_k2": ("samples per prompt", "default", SAMPLED, {"sample.samples_per_prompt": 2}),
+    "default_k16": ("samples per prompt", "default", SAMPLED, {"sample.samples_per_prompt": 16}),
+    "default_prompts6000": ("prompts", "default", SAMPLED, {"sample.num_prompts": 6000}),
+    "default_steps1600": ("budget", "default", SAMPLED, {"train.steps": 1600}),
+    "default_lr3e-4": ("budget", "default", SAMPLED, LR3E4),
+    "default_beta0.1": ("beta", "default", BETA, {"dqo.beta": 0.1, "dro.beta": 0.1}),
+    "default_beta1": ("beta", "default", BETA, {"dqo.beta": 1.0, "dro.beta": 1.0}),
 }
 
 

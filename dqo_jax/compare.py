@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -160,49 +161,17 @@ def run_all(
 
   cores = sorted(os.sched_getaffinity(0))
   pin = parallel > 1 and len(cores) >= parallel and shutil.which("taskset") is not None
-  core_of = lambda i: cores[i % parallel] if pin else None
+  # A core is taken by each child process while it runs and given back after.
+  free_cores = queue.SimpleQueue()
+  for core in cores[:parallel] if pin else [None] * max(1, parallel):
+    free_cores.put(core)
 
-  # The shared stages run in child processes too: this one never starts JAX, so starting the
-  # runs (fork + exec) is safe.
-  t0 = time.time()
-  if base_per_seed:
-
-    # Seed 0's process prepares the shared data and tokenizer; the others start once it has.
-    data_ready = threading.Event()
-
-    def wait_for_data(log):
-      while not data_ready.wait(1.0):
-        if os.path.exists(log):
-          with open(log) as f:
-            if "[setup]" in f.read():
-              data_ready.set()
-
-    def launch_base(k):
-      os.makedirs(bases[k], exist_ok=True)
-      log = os.path.join(bases[k], "log.txt")
-      if k == 0:
-        threading.Thread(target=wait_for_data, args=(log,), daemon=True).start()
-      else:
-        data_ready.wait()
-      overrides = dict(base_overrides, seed=k, **common)
-      code = _launch(_run_command(config_file, bases[k], overrides), log, core_of(k))
-      data_ready.set()  # seed 0 failed before its setup line: let the others fail or run
-      print(f"[compare] shared stages, seed {k}: {'done' if code == 0 else 'FAILED'}", flush=True)
-      return code
-
-    with ThreadPoolExecutor(max(1, parallel)) as pool:
-      failed = [k for k, code in zip(bases, pool.map(launch_base, bases)) if code]
-    if failed:
-      raise UserError(
-          f"the shared stages failed for seed(s) {failed}; see log.txt in {workdir}/base/seed<k>"
-      )
-  else:
-    proc = subprocess.run(_run_command(config_file, bases[0], dict(base_overrides, **common)))
-    if proc.returncode:
-      raise UserError(f"the shared stages failed (exit {proc.returncode}); see the output above")
-  base_seconds = time.time() - t0
-  for base in set(bases.values()):
-    os.makedirs(os.path.join(base, "eval", "sft"), exist_ok=True)
+  def launch_on_a_core(command, log) -> int:
+    core = free_cores.get()
+    try:
+      return _launch(command, log, core)
+    finally:
+      free_cores.put(core)
 
   jobs = []
   for label, (overrides, seeds) in runs.items():
@@ -212,19 +181,67 @@ def run_all(
       run_dir = os.path.join(workdir, "runs", label, f"seed{seed}")
       jobs.append((label, seed, run_dir, run_name(probe), dict(overrides, seed=seed, **common)))
 
+  # The shared stages run in child processes too: this one never starts JAX, so starting the
+  # runs (fork + exec) is safe. A run starts as soon as its seed's shared stages are done: all
+  # of them are queued before any run, so a run never holds a worker its base is waiting for.
+  base_code = {k: None for k in set(bases)}
+  base_done = {k: threading.Event() for k in bases}
+  data_ready = threading.Event()  # seed 0's process prepares the data and tokenizer first
+
+  def wait_for_data(log):
+    while not data_ready.wait(1.0):
+      if os.path.exists(log):
+        with open(log) as f:
+          if "[setup]" in f.read():
+            data_ready.set()
+
+  def launch_base(k):
+    os.makedirs(bases[k], exist_ok=True)
+    log = os.path.join(bases[k], "log.txt")
+    if k == 0:
+      threading.Thread(target=wait_for_data, args=(log,), daemon=True).start()
+    else:
+      data_ready.wait()
+    overrides = dict(base_overrides, seed=k, **common)
+    code = launch_on_a_core(_run_command(config_file, bases[k], overrides), log)
+    data_ready.set()  # seed 0 failed before its setup line: let the others fail or run
+    os.makedirs(os.path.join(bases[k], "eval", "sft"), exist_ok=True)
+    base_code[k] = code
+    base_done[k].set()
+    print(f"[compare] shared stages, seed {k}: {'done' if code == 0 else 'FAILED'}", flush=True)
+
   def launch(job_index):
     label, seed, run_dir, name, overrides = jobs[job_index]
     if _result(run_dir, name) is not None:
       return
+    base_done[seed if base_per_seed else 0].wait()
+    if base_code[seed if base_per_seed else 0]:
+      return
     _link_base(bases[seed], run_dir)
     log = os.path.join(run_dir, "log.txt")
-    code = _launch(_run_command(config_file, run_dir, overrides), log, core_of(job_index))
+    code = launch_on_a_core(_run_command(config_file, run_dir, overrides), log)
     status = "done" if code == 0 else f"FAILED (exit {code}, see {log})"
     print(f"[compare] {label} seed {seed}: {status}", flush=True)
 
   t0 = time.time()
+  if not base_per_seed:
+    # One set of shared stages, on every core, before the runs.
+    proc = subprocess.run(_run_command(config_file, bases[0], dict(base_overrides, **common)))
+    if proc.returncode:
+      raise UserError(f"the shared stages failed (exit {proc.returncode}); see the output above")
+    os.makedirs(os.path.join(bases[0], "eval", "sft"), exist_ok=True)
+    base_code[0] = 0
+    base_done[0].set()
   with ThreadPoolExecutor(max(1, parallel)) as pool:
-    list(pool.map(launch, range(len(jobs))))
+    tasks = [pool.submit(launch_base, k) for k in bases] if base_per_seed else []
+    tasks += [pool.submit(launch, i) for i in range(len(jobs))]
+    for task in tasks:
+      task.result()
+  failed = sorted(k for k, code in base_code.items() if code)
+  if failed:
+    raise UserError(
+        f"the shared stages failed for seed(s) {failed}; see log.txt in {workdir}/base/seed<k>"
+    )
   results = {}
   for label, seed, run_dir, name, _ in jobs:
     r = _result(run_dir, name)
@@ -259,7 +276,7 @@ def run_all(
           ),
           1,
       ),
-      this_invocation_wall_seconds=round(base_seconds + time.time() - t0, 1),
+      this_invocation_wall_seconds=round(time.time() - t0, 1),
       parallel=parallel,
   )
 

@@ -48,3 +48,19 @@ def test_run_collects_the_rows_of_the_modules_it_is_given():
 def test_math_fixtures_grade_as_labelled(cases):
   grades = grade_batch("math", [c[0] for c in cases], [c[1] for c in cases])
   assert [g.correct for g in grades] == [c[2] for c in cases]
+
+
+def test_regime_study_settings_name_real_starts_config_keys_and_methods():
+  from benchmarks import regime_study
+  from configs.arith import get_config
+  from dqo_jax.compare import METHODS
+
+  config = get_config()
+  for name, (_, start, methods, overrides) in regime_study.SETTINGS.items():
+    assert start in regime_study.STARTS, name
+    for key in {**regime_study.REFERENCE, **regime_study.STARTS[start], **overrides}:
+      node = config
+      for part in key.split("."):
+        assert part in node, f"{name}: config has no {key}"
+        node = node[part]
+    assert set(methods.split(",")) <= set(METHODS), name
