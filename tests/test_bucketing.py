@@ -88,9 +88,50 @@ def test_train_view_keeps_pairs_together_and_deterministic():
     widths.add(batch["response"].shape[1])
   assert 1 < len(widths) <= 3
   unbucketed = batches.batch_fn(arrays, len(pairs), 4, 0, 1, rows=lambda idx: pairs[idx])
-  assert unbucketed(0)["response"].shape == (8, width)
+  for step in range(len(pairs) // 4):
+    batch = unbucketed(step)
+    # Plain batches keep their epoch order and are cut to the multiple of 8 (or the arrays'
+    # width) that holds their longest response.
+    want = min(-(-batch["response_len"].max() // 8) * 8, width)
+    assert batch["response"].shape == (8, want)
 
 
 def test_too_few_examples_raise():
   with pytest.raises(ValueError, match="cannot fill"):
     batches.bucketed_batch_indices(np.ones(3, np.int64), np.array([8]), 4, 0, 0)
+
+
+def test_cutting_trailing_padding_leaves_the_log_probs_as_they_were():
+  import jax
+  import jax.numpy as jnp
+
+  from dqo_jax.model import ModelConfig, Transformer
+  from dqo_jax.train.forward import response_logprobs
+
+  rng = np.random.default_rng(0)
+  n, p, width = 16, 6, 40
+  lengths = rng.integers(1, 20, n).astype(np.int32)
+  arrays = dict(
+      prompt=rng.integers(1, 32, (n, p)).astype(np.int32),
+      prompt_mask=np.ones((n, p), np.int32),
+      response=np.where(
+          np.arange(width)[None] < lengths[:, None], rng.integers(1, 32, (n, width)), 0
+      ),
+      response_len=lengths,
+  )
+  model = Transformer(
+      ModelConfig(
+          vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+      )
+  )
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))[
+      "params"
+  ]
+  batch = batches.batch_fn(arrays, n, 8, 0, 1)(0)
+  assert batch["response"].shape[1] == 24 < width  # the longest of these 8 is 17
+  idx = batches.batch_indices(n, 8, 0, 0)
+  full = batches.take(arrays, idx)
+  cut = response_logprobs(model, params, batch)
+  whole = response_logprobs(model, params, full)[:, :24]
+  valid = np.arange(24)[None] < batch["response_len"][:, None]
+  np.testing.assert_allclose(np.asarray(cut)[valid], np.asarray(whole)[valid], rtol=1e-6, atol=1e-6)

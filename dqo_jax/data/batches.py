@@ -187,14 +187,24 @@ def batch_fn(arrays, n, batch_size, seed, num_buckets, rows=lambda idx: idx):
 
   num_buckets > 1: batches of similar response lengths (a pair counts as its longer response),
   their response arrays cut to one of at most `num_buckets` widths (`bucket_widths`); 1: batches
-  in plain epoch order, every response padded to the arrays' width."""
+  in plain epoch order, cut to the multiple of 8 that holds their longest response."""
   flat = lambda idx: idx.T.reshape(-1) if idx.ndim == 2 else idx
-  if num_buckets <= 1:
-    return lambda i: take(arrays, flat(rows(batch_indices(n, batch_size, i, seed))))
   example_rows = rows(np.arange(n))
   lengths = arrays["response_len"][example_rows]
   lengths = lengths.max(axis=1) if lengths.ndim == 2 else lengths
-  widths = bucket_widths(lengths, num_buckets, arrays["response"].shape[1])
+  max_len = arrays["response"].shape[1]
+  if num_buckets <= 1:
+    # The batches of plain shuffled epochs, cut to the multiple of 8 that holds their longest
+    # response: the columns cut are padding after every response, which nothing earlier attends
+    # to and no loss reads, so the step computes the same values on fewer columns.
+    every_width = np.minimum(np.arange(8, max_len + 8, 8), max_len)
+
+    def plain(i):
+      idx = batch_indices(n, batch_size, i, seed)
+      return cut_to_width(take(arrays, flat(example_rows[idx])), every_width, lengths[idx].max())
+
+    return plain
+  widths = bucket_widths(lengths, num_buckets, max_len)
 
   def batch_at(i):
     idx = bucketed_batch_indices(lengths, widths, batch_size, i, seed)
