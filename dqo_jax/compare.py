@@ -184,7 +184,7 @@ def run_all(
   # The shared stages run in child processes too: this one never starts JAX, so starting the
   # runs (fork + exec) is safe. A run starts as soon as its seed's shared stages are done: all
   # of them are queued before any run, so a run never holds a worker its base is waiting for.
-  base_code = {k: None for k in set(bases)}
+  base_code = dict.fromkeys(bases)
   base_done = {k: threading.Event() for k in bases}
   data_ready = threading.Event()  # seed 0's process prepares the data and tokenizer first
 

@@ -194,20 +194,17 @@ def batch_fn(arrays, n, batch_size, seed, num_buckets, rows=lambda idx: idx):
   lengths = lengths.max(axis=1) if lengths.ndim == 2 else lengths
   max_len = arrays["response"].shape[1]
   if num_buckets <= 1:
-    # The batches of plain shuffled epochs, cut to the multiple of 8 that holds their longest
-    # response: the columns cut are padding after every response, which nothing earlier attends
-    # to and no loss reads, so the step computes the same values on fewer columns.
-    every_width = np.minimum(np.arange(8, max_len + 8, 8), max_len)
-
-    def plain(i):
-      idx = batch_indices(n, batch_size, i, seed)
-      return cut_to_width(take(arrays, flat(example_rows[idx])), every_width, lengths[idx].max())
-
-    return plain
-  widths = bucket_widths(lengths, num_buckets, max_len)
+    # Plain shuffled epochs, cut to the multiple of 8 that holds the batch's longest response:
+    # the columns cut are padding after every response, which nothing earlier attends to and no
+    # loss reads, so the step computes the same values on fewer columns.
+    widths = np.minimum(np.arange(8, max_len + 8, 8), max_len)
+    indices = lambda i: batch_indices(n, batch_size, i, seed)
+  else:
+    widths = bucket_widths(lengths, num_buckets, max_len)
+    indices = lambda i: bucketed_batch_indices(lengths, widths, batch_size, i, seed)
 
   def batch_at(i):
-    idx = bucketed_batch_indices(lengths, widths, batch_size, i, seed)
+    idx = indices(i)
     return cut_to_width(take(arrays, flat(example_rows[idx])), widths, lengths[idx].max())
 
   return batch_at
