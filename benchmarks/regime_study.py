@@ -36,7 +36,7 @@ LR3E4 = {"train.policy_optimizer.lr": 3e-4, "train.value_optimizer.lr": 3e-3}
 # The SFT starts: gold solutions of the first 1000 training problems or of all, trained for
 # 1,200 steps (the earlier default, validation accuracy still rising) or for 3,600 (where it has
 # stopped rising), in plain shuffled batches as when these were run; and the shipped default's
-# (1000 gold, 3,000 steps in length-bucketed batches).
+# (1000 gold, 3,000 steps, plain batches).
 STARTS = {
     "g1000": {"data.num_gold": 1000, "sft.steps": 1200, "sft.length_buckets": 1},
     "all": {"data.num_gold": -1, "sft.steps": 1200, "sft.length_buckets": 1},

@@ -40,7 +40,8 @@ from dqo_jax import convert
 from dqo_jax.model import ModelConfig, Transformer
 from dqo_jax.sampler import generate
 from dqo_jax.train.forward import response_logprobs
-from dqo_jax.train.policy_step import dpo_objective, make_policy_step
+from dqo_jax.methods import dpo
+from dqo_jax.train.policy_step import make_policy_step
 from dqo_jax.train.state import TrainState
 
 # The project's embedded model (configs/arith.py: ModelConfig defaults, 256-token vocabulary),
@@ -147,7 +148,7 @@ def _ours_dpo(params, batch_parts):
   )
   batch["ref_logprobs"] = jax.jit(lambda p, b: response_logprobs(model, p, b))(params, batch)
   tx = optax.adamw(DPO_LR)
-  step = jax.jit(make_policy_step(model, tx, dpo_objective(DPO_BETA)), donate_argnums=0)
+  step = jax.jit(make_policy_step(model, tx, dpo.objective(DPO_BETA)), donate_argnums=0)
   state = [TrainState.create(jax.tree.map(jnp.copy, params), tx)]
 
   def run():

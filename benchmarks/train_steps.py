@@ -22,7 +22,10 @@ from benchmarks.timing import interleaved, median_ratio, row
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
 from dqo_jax.train import policy_step
 from dqo_jax.train.forward import response_logprobs, response_mask, response_values
-from dqo_jax.train.policy_value_step import PolicyValueState, make_dqo_step
+from dqo_jax.methods import dpo
+from dqo_jax.methods import dqo as dqo_method
+from dqo_jax.methods.dqo import make_dqo_step
+from dqo_jax.train.policy_value_step import PolicyValueState
 from dqo_jax.train.state import TrainState, make_optimizer
 
 # (model, batch, prompt length, response length, timed rounds)
@@ -49,20 +52,9 @@ OPT = ml_collections.ConfigDict(
 )
 
 
-# configs/common.py's `dqo` section with importance traces on (the costlier targets).
-DQO = ml_collections.ConfigDict(
-    dict(
-        beta=0.1,
-        lam=0.95,
-        importance_traces=True,
-        rho_max=1.0,
-        c_max=1.0,
-        return_impl="scan",
-        loss_norm="token",
-        value_warmup_steps=0,
-        process=dict(enabled=False, alpha=1.0),
-    )
-)
+# The `dqo` section's defaults with importance traces on (the costlier targets).
+DQO = ml_collections.ConfigDict(dqo_method.defaults(beta=0.1))
+DQO.update(lam=0.95, importance_traces=True)
 
 
 def make_batch(b: int, p: int, r: int, seed: int = 0) -> dict:
@@ -158,7 +150,7 @@ def steps_and_floors(size: str):
       dqo=_dqo_stepper(cfg, batch),
       sft=_Stepper(policy_step.make_sft_step(policy, tx), new_state(policy_params), batch),
       dpo=_Stepper(
-          policy_step.make_policy_step(policy, tx, policy_step.dpo_objective(0.1)),
+          policy_step.make_policy_step(policy, tx, dpo.objective(0.1)),
           new_state(policy_params),
           batch,
       ),

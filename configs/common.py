@@ -5,6 +5,8 @@ Not a config itself; the task configs load it by path (`runpy.run_path`).
 
 import ml_collections
 
+from dqo_jax import methods
+
 # Presets that fine-tune a pretrained model: its weights and tokenizer come from
 # --config.model.path=DIR (a local copy of the Hugging Face repository named here).
 PRETRAINED = {
@@ -47,7 +49,7 @@ def optimizer(lr, warmup_steps, *, weight_decay=0.0):
 def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
   """The `train` stage's method and each method's section; every method starts from the SFT
   checkpoint and gets the same steps and batch size (`c.train`)."""
-  c.method = "dqo"  # sft, rft, dpo, kto, dro or dqo
+  c.method = "dqo"  # a module of dqo_jax/methods: sft, rft, dpo, kto, rloo, dro or dqo
   c.train = dict(
       steps=steps,
       batch_size=batch_size,  # examples per step: sequences, or (chosen, rejected) pairs for DPO
@@ -61,33 +63,7 @@ def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
       # the run saves its last good state and stops.
       max_consecutive_nonfinite=10,
   )
-  c.dqo = dict(
-      beta=beta,
-      lam=1.0,
-      importance_traces=False,
-      rho_max=1.0,
-      c_max=1.0,
-      # How G_t's recursion runs: "scan" (lax.scan over tokens; the faster on CPU, see
-      # benchmarks/returns.py) or "associative" (lax.associative_scan, log depth).
-      return_impl="scan",
-      loss_norm="token",  # "token": mean over valid tokens; "sequence": mean of per-sequence means
-      value_warmup_steps=0,  # steps at the start that update only the value model
-      # Potential-based shaping from Monte-Carlo rollouts of pi_ref at every step delimiter,
-      # computed once by the `rollouts` stage (docs/method.md, "Process supervision").
-      process=dict(
-          enabled=False,
-          rollouts_per_step=4,
-          alpha=1.0,
-          delimiter="\n",
-          value_weight=0.0,  # > 0: also regress V onto the rollouts' estimate at boundaries
-          value_decay_steps=100,  # ... with a weight decaying linearly to 0 over these steps
-          batch_size=256,
-      ),
-  )
-  c.dpo = dict(beta=0.1, max_pairs_per_prompt=4)  # <= 0: every (correct, incorrect) pair
-  # lambda_U = 1; lambda_D = desirable_ratio * n_U / n_D, kept so lambda_D n_D / n_U in [1, 4/3]
-  c.kto = dict(beta=0.1, desirable_ratio=1.0)
-  c.dro = dict(beta=beta)  # DQO's beta: the same KL-regularised objective, at the sequence level
+  methods.add_config_sections(c, beta)  # dqo_jax/methods/<name>.py holds each section's defaults
 
 
 def base_config():

@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from dqo_jax import convert, hf_config, sharding
+from dqo_jax import convert, hf_config, methods, sharding
 from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig
 
@@ -163,7 +163,7 @@ def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
       finish="eos",
   )
   arrays = offline_arrays([record], d, pad_id=0)
-  if config.method == "dqo" and config.dqo.process.enabled:
+  if methods.of(config).needs_rollouts(config):
     potentials = [dict(boundaries=[], potentials=[0.0])]
     arrays.update(views.process_arrays(potentials, arrays["response_len"], d.max_response_len))
   b = int(config.train.batch_size)
@@ -187,10 +187,11 @@ def compile_step(config, topology: str) -> dict:
   from dqo_jax.stages.context import Context  # pylint: disable=g-import-not-at-top
   from dqo_jax.train.loop import abstract_state, jit_step  # pylint: disable=g-import-not-at-top
 
-  if config.method not in train.VALUE_METHODS:
+  value_methods = [name for name, m in methods.registry().items() if m.trains_value]
+  if config.method not in value_methods:
     raise UserError(
         f"--compile_only compiles the policy+value step: set --config.method to one of "
-        f"{', '.join(train.VALUE_METHODS)} (it is {config.method!r})"
+        f"{', '.join(value_methods)} (it is {config.method!r})"
     )
   kind, chip, devices = topology_devices(topology)
   try:
@@ -212,7 +213,7 @@ def compile_step(config, topology: str) -> dict:
   state, shardings = abstract_state(init, mesh, ctx.rules, (ctx.sft_abstract_state().params,))
   batch = abstract_batch(config, sharding.batch_sharding(mesh))
   t0 = time.time()
-  step = jit_step(train.policy_value_step(ctx), shardings, mesh, ctx.rules)
+  step = jit_step(train.make_step(ctx), shardings, mesh, ctx.rules)
   try:
     compiled = step.lower(state, batch).compile()
   except jax.errors.JaxRuntimeError as e:

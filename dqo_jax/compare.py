@@ -1,7 +1,7 @@
 """Every method on the same data, evaluated the same way: `python -m dqo_jax.compare`.
 
     python -m dqo_jax.compare --config=configs/arith.py --workdir=DIR \
-        --methods=sft,rft,dpo,kto,dro,dqo,dqo_ps --seeds=3 [--ablations] [--parallel=2] \
+        --methods=sft,rft,dpo,kto,rloo,dro,dqo,dqo_ps --seeds=3 [--ablations] [--parallel=2] \
         [--split=validation] [--base_per_seed]
 
 The SFT checkpoint, the offline samples and (for dqo_ps) the rollouts are computed once, in
@@ -34,13 +34,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from absl import app, flags
 
+from dqo_jax import methods
 from dqo_jax import workdir as workdir_lib
 from dqo_jax.errors import UserError
 from dqo_jax.main import command_line, parse_flags
 from dqo_jax.metrics import read_scalars, write_json_atomic
-from dqo_jax.stages.context import run_name
 
-_METHODS = flags.DEFINE_list("methods", "sft,rft,dpo,kto,dro,dqo,dqo_ps", "Methods to compare.")
+# Each entry: config overrides on top of the compared config (`dqo_jax.methods`).
+METHODS = methods.compare_labels()
+ABLATIONS = methods.compare_labels(ablations=True)
+
+_METHODS = flags.DEFINE_list("methods", ",".join(METHODS), "Methods to compare.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method (0 .. seeds-1).")
 _ABLATIONS = flags.DEFINE_bool("ablations", False, "Also run the DQO ablations in ABLATIONS.")
 _ABLATION_SEEDS = flags.DEFINE_integer("ablation_seeds", 1, "Seeds per ablation.")
@@ -60,23 +64,6 @@ _BASE_PER_SEED = flags.DEFINE_bool(
 _PARALLEL = flags.DEFINE_integer(
     "parallel", 1, "Runs at a time, each pinned to its own CPU core when there are enough."
 )
-
-# Each entry: config overrides on top of the compared config.
-METHODS = {
-    "sft": {"method": "sft"},
-    "rft": {"method": "rft"},
-    "dpo": {"method": "dpo"},
-    "kto": {"method": "kto"},
-    "dro": {"method": "dro"},
-    "dqo": {"method": "dqo"},
-    "dqo_ps": {"method": "dqo", "dqo.process.enabled": True},
-}
-ABLATIONS = {
-    "dqo_lam0": {"method": "dqo", "dqo.lam": 0.0},
-    "dqo_lam0.95": {"method": "dqo", "dqo.lam": 0.95},
-    "dqo_traces": {"method": "dqo", "dqo.importance_traces": True},
-    "dqo_ps_lam0.95": {"method": "dqo", "dqo.process.enabled": True, "dqo.lam": 0.95},
-}
 
 # Every run's config, found from this package rather than the working directory, so that the
 # command works from any directory.
@@ -153,10 +140,15 @@ def run_all(
       else os.path.join(workdir, "base")
       for k in range(num_seeds)
   }
-  needs_rollouts = any(o.get("dqo.process.enabled") for o, _ in runs.values())
-  base_overrides = {"stages": "sft,sample,rollouts" if needs_rollouts else "sft,sample"}
-  if needs_rollouts:
-    base_overrides["dqo.process.enabled"] = True
+  probes = {}
+  for label, (overrides, _) in runs.items():
+    probes[label] = config.copy_and_resolve_references()
+    probes[label].update_from_flattened_dict(overrides)
+  # The shared stages run under the first run that reads the rollouts, so that they are made.
+  rollouts = [l for l, p in probes.items() if methods.of(p).needs_rollouts(p)]
+  base_overrides = {"stages": "sft,sample,rollouts" if rollouts else "sft,sample"}
+  if rollouts:
+    base_overrides.update(runs[rollouts[0]][0])
   common = {"eval.test": split == "test"}
 
   cores = sorted(os.sched_getaffinity(0))
@@ -175,11 +167,10 @@ def run_all(
 
   jobs = []
   for label, (overrides, seeds) in runs.items():
-    probe = config.copy_and_resolve_references()
-    probe.update_from_flattened_dict(overrides)
+    name = methods.run_name(probes[label])
     for seed in range(seeds):
       run_dir = os.path.join(workdir, "runs", label, f"seed{seed}")
-      jobs.append((label, seed, run_dir, run_name(probe), dict(overrides, seed=seed, **common)))
+      jobs.append((label, seed, run_dir, name, dict(overrides, seed=seed, **common)))
 
   # The shared stages run in child processes too: this one never starts JAX, so starting the
   # runs (fork + exec) is safe. A run starts as soon as its seed's shared stages are done: all

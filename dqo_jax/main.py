@@ -65,17 +65,16 @@ _TOPOLOGY = flags.DEFINE_string(
 
 
 def check_config(config) -> list[str]:
+  from dqo_jax import methods
   from dqo_jax.model import REMAT_POLICIES
   from dqo_jax.stages.context import STAGES
-  from dqo_jax.stages.train import METHODS
   from dqo_jax.train import accumulate
 
   stages = [s.strip() for s in config.stages.split(",") if s.strip()]
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise UserError(f"config.stages names unknown stage(s) {unknown}; choose from {list(STAGES)}")
-  if config.method not in METHODS:
-    raise UserError(f"config.method={config.method!r}; choose from {', '.join(METHODS)}")
+  method = methods.of(config)
   for key in _batch_sizes(config):
     size = _lookup(config, key)
     if not isinstance(size, int) or size < 1:
@@ -98,21 +97,7 @@ def check_config(config) -> list[str]:
     buckets = config[section].get("length_buckets", 1)
     if not isinstance(buckets, int) or buckets < 1:
       raise UserError(f"config.{section}.length_buckets={buckets!r} must be 1 (off) or more")
-  d = config.dqo
-  if d.importance_traces and d.c_max > d.rho_max:
-    raise UserError(
-        f"config.dqo.c_max={d.c_max} exceeds rho_max={d.rho_max}; V-trace needs " "c_max <= rho_max"
-    )
-  if d.loss_norm not in ("token", "sequence"):
-    raise UserError(f"config.dqo.loss_norm={d.loss_norm!r}; use 'token' or 'sequence'")
-  if not 0 <= d.value_warmup_steps < config.train.steps:
-    raise UserError(
-        f"config.dqo.value_warmup_steps={d.value_warmup_steps} must lie in [0, train.steps)"
-    )
-  if d.process.enabled and d.process.rollouts_per_step < 1:
-    raise UserError("config.dqo.process.rollouts_per_step must be at least 1")
-  if not 0.0 <= d.lam <= 1.0:
-    raise UserError(f"config.dqo.lam={d.lam} must lie in [0, 1]")
+  method.check(config)
   for section in ("sft", "train"):
     if config[section].max_consecutive_nonfinite < 1:
       raise UserError(f"config.{section}.max_consecutive_nonfinite must be at least 1")
@@ -127,7 +112,9 @@ def check_config(config) -> list[str]:
 def _batch_sizes(config) -> list[str]:
   """The config keys of every batch the stages put on the devices."""
   keys = ["sft.batch_size", "train.batch_size", "sample.batch_size", "eval.batch_size"]
-  return keys + (["dqo.process.batch_size"] if config.dqo.process.enabled else [])
+  from dqo_jax import methods
+
+  return keys + (["dqo.process.batch_size"] if methods.of(config).needs_rollouts(config) else [])
 
 
 def _lookup(config, key: str):
@@ -139,12 +126,14 @@ def _lookup(config, key: str):
 def check_batches(config, data_parallel: int) -> None:
   """UserError unless every batch (each micro-batch with gradient accumulation) splits evenly
   over the `data_parallel` devices of the mesh's data and fsdp axes."""
+  from dqo_jax import methods
+
   for key in _batch_sizes(config):
     section = key.split(".")[0]
     size = _lookup(config, key)
     accum = config[section].grad_accum_steps if section in ("sft", "train") else 1
-    # DPO and KTO put two rows per example on the devices.
-    rows_per_example = 2 if key == "train.batch_size" and config.method in ("dpo", "kto") else 1
+    # Pairwise methods (DPO, KTO) put two rows per example on the devices.
+    rows_per_example = methods.of(config).rows_per_example if key == "train.batch_size" else 1
     need = data_parallel * accum // math.gcd(rows_per_example, data_parallel * accum)
     if size % need:
       parts = f" in {accum} micro-batches" if accum > 1 else ""
@@ -214,7 +203,7 @@ def run_pipeline(config, workdir: str, cache_dir: str = "", redo_stages=()) -> d
 
 
 def _run_stages(config, stages, wd, runners, redo_stages=()) -> dict:
-  from dqo_jax import distributed
+  from dqo_jax import distributed, methods
   from dqo_jax.metrics import write_json_atomic
   from dqo_jax.stages import evaluate, redo
   from dqo_jax.stages.context import build_context, stage_output
@@ -256,11 +245,11 @@ def _run_stages(config, stages, wd, runners, redo_stages=()) -> dict:
   )
   timings = {}
   started = False
-  needs_rollouts = config.method == "dqo" and config.dqo.process.enabled
+  needs_rollouts = methods.of(config).needs_rollouts(config)
   for stage in stages:
     label = stage_output(config, stage)
     if stage == "rollouts" and not needs_rollouts:
-      print(f"[{label}] not needed (method {config.method}, dqo.process.enabled=False); skipped")
+      print(f"[{label}] not needed by run {methods.run_name(config)}; skipped")
       continue
     done_file = os.path.join(workdir, label, "DONE.json")
     if os.path.exists(done_file):

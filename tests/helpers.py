@@ -10,7 +10,9 @@ import numpy as np
 from configs.arith import get_config
 from dqo_jax import sharding
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
-from dqo_jax.train.policy_value_step import PolicyValueState, make_dqo_step
+from dqo_jax.methods import dqo
+from dqo_jax.methods.dqo import make_dqo_step
+from dqo_jax.train.policy_value_step import PolicyValueState
 from dqo_jax.train.state import TrainState, make_optimizer
 
 CFG = ModelConfig(
@@ -23,18 +25,9 @@ RULES = sharding.logical_rules(get_config().mesh)
 OPT = ml_collections.ConfigDict(
     dict(lr=1e-3, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b2=0.98)
 )
-DQO = ml_collections.ConfigDict(
-    dict(
-        beta=0.1,
-        lam=0.95,
-        importance_traces=True,
-        rho_max=1.0,
-        c_max=1.0,
-        loss_norm="token",
-        value_warmup_steps=0,
-        process=dict(enabled=False, alpha=1.0),
-    )
-)
+# The `dqo` section's defaults with bootstrapping and importance traces on (every term used).
+DQO = ml_collections.ConfigDict(dqo.defaults(beta=0.1))
+DQO.update(lam=0.95, importance_traces=True)
 
 
 def random_batch(rng, b=16, p=6, r=7):

@@ -229,13 +229,18 @@ def test_redo_removes_the_stage_and_what_depends_on_it(tmp_path):
 
 
 def test_redo_knows_every_run_directory():
-  from dqo_jax.stages.context import run_name
-  from dqo_jax.stages.train import METHODS
+  from dqo_jax import methods
 
   names = set()
-  for method in METHODS:
+  for method in methods.registry():
     for process in (False, True):
       config = _config()
       config.method, config.dqo.process.enabled = method, process
-      names.add(run_name(config))
-  assert names == set(redo.RUNS)
+      names.add(methods.run_name(config))
+  assert names == set(methods.all_runs())
+  for stage, runs in (
+      ("sft", names),
+      ("sample", names - {"sft_continued"}),
+      ("rollouts", {"dqo_ps"}),
+  ):
+    assert {os.path.join("eval", r) for r in runs} <= set(redo.invalidated(_config(), [stage]))

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
-import runpy
 
 import flax.linen as nn
 import jax
@@ -35,12 +33,9 @@ import numpy as np
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
 from dqo_jax.train.forward import response_logprobs
 from dqo_jax.train.policy_step import make_sft_step
-from dqo_jax.train.policy_value_step import (
-    PolicyValueState,
-    dro_objective,
-    make_dqo_step,
-    make_policy_value_step,
-)
+from dqo_jax.methods import dqo, dro
+from dqo_jax.methods.dqo import make_dqo_step
+from dqo_jax.train.policy_value_step import PolicyValueState, make_policy_value_step
 from dqo_jax.train.state import TrainState, make_optimizer
 
 EOS = 0  # also the padding token: masks come from lengths
@@ -221,15 +216,8 @@ def _distance_after(make_step, steps):
   return _tv(trained, target), _tv(np.exp(ref_seq), target), _unseen_mass(target)
 
 
-def _shipped_dqo_config():
-  """`config.dqo` as the configs ship it (lambda, normalisation, no importance traces), at BETA."""
-  common = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "configs", "common.py"))
-  c = ml_collections.ConfigDict()
-  common["add_methods"](c, steps=STEPS, batch_size=128, policy_lr=3e-3, value_lr=3e-3, beta=BETA)
-  return c.dqo
-
-
-DQO_CFG = _shipped_dqo_config()
+# `config.dqo` as the configs ship it (lambda, normalisation, no importance traces), at BETA.
+DQO_CFG = ml_collections.ConfigDict(dqo.defaults(BETA))
 
 
 def test_dqo_reaches_the_optimum():
@@ -241,7 +229,7 @@ def test_dqo_reaches_the_optimum():
 
 
 def test_dro_reaches_the_sequence_level_optimum():
-  make = lambda p, v, ptx, vtx: make_policy_value_step(p, v, ptx, vtx, dro_objective(BETA))
+  make = lambda p, v, ptx, vtx: make_policy_value_step(p, v, ptx, vtx, dro.objective(BETA))
   tv, tv_ref, floor = _distance_after(make, STEPS)
   print(f"DRO: TV(pi_theta, pi*) {tv:.4f}, TV(pi_ref, pi*) {tv_ref:.4f}, floor {floor:.4f}")
   assert tv < floor + OPTIMISATION_TOLERANCE

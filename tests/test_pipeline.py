@@ -136,7 +136,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, sig):
         ("--config.dqo.betaa=1", "unknown config key"),
         ("--config.dqo.beta=abc", "could not convert string to float"),
         ("--config.stages=sft,rl", "unknown stage"),
-        ("--config.method=ppo", "choose from sft, rft, dpo, kto, dro, dqo"),
+        ("--config.method=ppo", "choose from sft, rft, dpo, kto, rloo, dro, dqo"),
         ("--config.train.grad_accum_steps=3", "grad_accum_steps=3 must be at least 1 and divide"),
         ("--num_processes=2", "needs all of --coordinator_address=HOST:PORT"),
         ("--config.model.remat=some", "choose from none, full, dots"),

@@ -28,7 +28,8 @@ from dqo_jax.checkpoint import Checkpoints
 from dqo_jax.errors import UserError
 from dqo_jax.metrics import read_scalars
 from dqo_jax.train.loop import Interrupted, abstract_state, fit
-from dqo_jax.train.policy_value_step import dqo_objective, make_policy_value_step
+from dqo_jax.methods import dqo
+from dqo_jax.train.policy_value_step import make_policy_value_step
 from dqo_jax.train.state import make_optimizer
 from helpers import DQO, OPT, RULES, dqo_setup, random_batch
 
@@ -227,7 +228,7 @@ def _scaled_dqo_setup():
   """The DQO step with its value loss multiplied by the mean of batch['scale'] [B]: NaN there
   makes only the value loss non-finite, and neither model may move."""
   init_fn, _, policy, value = dqo_setup()
-  objective = dqo_objective(DQO)
+  objective = dqo.objective(DQO)
 
   def scaled(logp, values, batch, step):
     policy_loss, value_loss, metrics = objective(logp, values, batch, step)

@@ -18,13 +18,10 @@ from dqo_jax.train import policy_step
 from dqo_jax.train.forward import response_logprobs, response_mask, response_values
 from dqo_jax.train.loop import abstract_state, init_state, jit_step
 from dqo_jax.train.policy_step import make_sft_step
-from dqo_jax.train.policy_value_step import (
-    PolicyValueState as DQOState,
-    dqo_objective,
-    dro_objective,
-    make_dqo_step,
-    make_policy_value_step,
-)
+from dqo_jax.methods import dpo, dqo, dro, kto
+from dqo_jax.methods.dqo import make_dqo_step
+from dqo_jax.train.policy_value_step import PolicyValueState as DQOState
+from dqo_jax.train.policy_value_step import make_policy_value_step
 from dqo_jax.train.state import TrainState, make_optimizer
 from helpers import CFG, DQO, OPT, RULES, dqo_setup, init_params, random_batch
 
@@ -111,7 +108,7 @@ def test_kto_gradient_accumulation_matches_the_full_batch():
   batch = _method_batch("kto")
   runs = []
   for k in (1, 4):
-    init_fn, step_fn = _policy_setup(policy_step.kto_objective(0.5, 1.0, 1.0), k)
+    init_fn, step_fn = _policy_setup(kto.objective(0.5, 1.0, 1.0), k)
     runs.append(_run(init_fn, step_fn, (1, 1, 1), [batch] * 2))
   (state_a, metrics_a), (state_b, metrics_b) = runs
   for a, b in zip(metrics_a, metrics_b):
@@ -284,11 +281,11 @@ REWARDS = ml_collections.ConfigDict(dict(correct=1.0, incorrect=0.0, unparseable
 
 METHOD_STEPS = {
     "sft": lambda: _policy_setup(policy_step.nll_objective),
-    "dpo": lambda: _policy_setup(policy_step.dpo_objective(0.5)),
-    "kto": lambda: _policy_setup(policy_step.kto_objective(0.5, 1.0, 1.0)),
-    "dro": lambda: _value_setup(dro_objective(0.5)),
-    "dqo": lambda: _value_setup(dqo_objective(DQO)),
-    "dqo_ps": lambda: _value_setup(dqo_objective(PS, REWARDS)),
+    "dpo": lambda: _policy_setup(dpo.objective(0.5)),
+    "kto": lambda: _policy_setup(kto.objective(0.5, 1.0, 1.0)),
+    "dro": lambda: _value_setup(dro.objective(0.5)),
+    "dqo": lambda: _value_setup(dqo.objective(DQO)),
+    "dqo_ps": lambda: _value_setup(dqo.objective(PS, REWARDS)),
 }
 
 

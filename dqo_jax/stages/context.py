@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dqo_jax import convert, sharding
+from dqo_jax import convert, methods, sharding
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import prompts, tasks
 from dqo_jax.data.batches import Encoded, encode_examples
@@ -24,22 +24,13 @@ from dqo_jax.workdir import Workdir
 STAGES = ("sft", "sample", "rollouts", "train", "eval")
 
 
-def run_name(config) -> str:
-  """The directory and results key of a method's run; the SFT checkpoint itself is 'sft'."""
-  if config.method == "sft":
-    return "sft_continued"
-  if config.method == "dqo" and config.dqo.process.enabled:
-    return "dqo_ps"
-  return config.method
-
-
 def stage_output(config, stage: str) -> str:
   """Where a stage writes, relative to the workdir: one directory per method for `train` and
   `eval`, so several methods share one workdir, its SFT checkpoint and its samples."""
   if stage == "train":
-    return run_name(config)
+    return methods.run_name(config)
   if stage == "eval":
-    return os.path.join("eval", run_name(config))
+    return os.path.join("eval", methods.run_name(config))
   return stage
 
 

@@ -13,9 +13,10 @@ import os
 
 import jax
 
+from dqo_jax import methods
 from dqo_jax.errors import UserError
 from dqo_jax.metrics import ScalarWriter, write_json_atomic
-from dqo_jax.stages.context import Context, run_name
+from dqo_jax.stages.context import Context
 from dqo_jax.stages.monitor import greedy_accuracy, sampled_accuracy, sampled_objective
 from dqo_jax.stages.train import trained_policy_params
 
@@ -92,7 +93,7 @@ def skipped_updates(ctx: Context, run: str) -> int | None:
 
 
 def run(ctx: Context) -> dict:
-  name = run_name(ctx.config)
+  name = methods.run_name(ctx.config)
   skipped = {r: skipped_updates(ctx, r) for r in ("sft", name)}
   sft_params = functools.cache(ctx.sft_params)
   results = {

@@ -21,10 +21,10 @@ import shutil
 
 from etils import epath
 
-from dqo_jax import distributed
+from dqo_jax import distributed, methods
 from dqo_jax.errors import UserError
 from dqo_jax.metrics import write_json_atomic
-from dqo_jax.stages.context import STAGES, run_name, stage_output
+from dqo_jax.stages.context import STAGES, stage_output
 from dqo_jax.workdir import Workdir
 
 # What the stages write in their directories; DONE.json first (see above).
@@ -38,10 +38,6 @@ PIPELINE_FILES = (
     "result.json",
     "skipped_updates.json",
 )
-# Every run directory a workdir can hold (`run_name` of each method).
-RUNS = ("sft_continued", "rft", "dpo", "kto", "dro", "dqo", "dqo_ps")
-# Runs that train on the offline samples: all but continued SFT, which reads the gold solutions.
-SAMPLE_RUNS = tuple(r for r in RUNS if r != "sft_continued")
 
 
 def check(redo: list[str], stages: list[str]) -> None:
@@ -58,18 +54,19 @@ def check(redo: list[str], stages: list[str]) -> None:
 def invalidated(config, redo: list[str]) -> list[str]:
   """The directories (relative to the workdir) whose outputs a redo of `redo` removes."""
   evals = lambda runs: [os.path.join("eval", r) for r in runs]
+  runs, sample_runs = methods.all_runs(), methods.all_runs(sample_only=True)
   out = []
   for stage in redo:
     if stage == "sft":
-      out += ["sft", "sample", "rollouts", *RUNS, *evals(("sft", *RUNS))]
+      out += ["sft", "sample", "rollouts", *runs, *evals(("sft", *runs))]
     elif stage == "sample":
-      out += ["sample", "rollouts", *SAMPLE_RUNS, *evals(SAMPLE_RUNS)]
+      out += ["sample", "rollouts", *sample_runs, *evals(sample_runs)]
     elif stage == "rollouts":
-      out += ["rollouts", "dqo_ps", *evals(("dqo_ps",))]
+      out += ["rollouts", *methods.rollout_runs(), *evals(methods.rollout_runs())]
     elif stage == "train":
       out += [stage_output(config, "train"), stage_output(config, "eval")]
     else:
-      out += evals(("sft", run_name(config)))
+      out += evals(("sft", methods.run_name(config)))
   return list(dict.fromkeys(out))
 
 

@@ -1,8 +1,8 @@
-"""Train steps that update the policy alone: SFT, RFT, DPO and KTO.
+"""Train steps that update the policy alone (SFT, RFT, DPO, KTO, RLOO; `dqo_jax.methods`).
 
 `make_policy_step(model, tx, objective)` differentiates `objective(logp, batch)`, where `logp` is
-log pi_theta(a_t|s_t) for every response token of the batch, [B, R]; the objectives below say
-how each method lays out its batch.
+log pi_theta(a_t|s_t) for every response token of the batch, [B, R]; each method's objective
+says how it lays out its batch.
 """
 
 from __future__ import annotations
@@ -49,38 +49,15 @@ def nll_objective(logp, batch):
   return sequence_nll(logp, response_mask(batch)), {}
 
 
-def _halves(x):
+def halves(x):
+  """A batch of two halves laid out [first P | second P] (pairs): the two halves."""
   n = x.shape[0] // 2
   return x[:n], x[n:]
 
 
-def _logratio(logp, batch):
+def sequence_logratio(logp, batch):
+  """log pi(y|x) - log pi_ref(y|x) of each response [B], from logp [B, R] and the batch's."""
   return bandit_losses.sequence_logratio(logp, batch["ref_logprobs"], response_mask(batch))
-
-
-def dpo_objective(beta: float):
-  """Batch: P chosen responses followed by their P rejected partners ([2P, R])."""
-
-  def objective(logp, batch):
-    chosen, rejected = _halves(_logratio(logp, batch))
-    return bandit_losses.dpo_loss(chosen, rejected, beta=beta)
-
-  return objective
-
-
-def kto_objective(beta: float, lambda_d: float, lambda_u: float):
-  """Batch: B samples followed by the same B prompts paired with responses of other prompts
-  ([2B, R]); the second half only estimates z0 (not back-propagated)."""
-
-  def objective(logp, batch):
-    matched, mismatched = _halves(_logratio(logp, batch))
-    correct, _ = _halves(batch["correct"])
-    z0 = bandit_losses.kto_z0(mismatched)
-    return bandit_losses.kto_loss(
-        matched, correct.astype(bool), z0, beta=beta, lambda_d=lambda_d, lambda_u=lambda_u
-    )
-
-  return objective
 
 
 def make_sft_step(model: Transformer, tx: optax.GradientTransformation, grad_accum_steps: int = 1):

@@ -1,0 +1,180 @@
+"""DQO (docs/method.md): a soft Q-function parameterised by the policy, trained on soft
+lambda-returns with a value model V(s_t); with process supervision (`dqo.process.enabled`, run
+`dqo_ps`), rewards shaped by Monte-Carlo rollouts' success estimates at step boundaries."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from dqo_jax import losses
+from dqo_jax.data import views
+from dqo_jax.errors import UserError
+from dqo_jax.methods import Method, TrainData, View
+from dqo_jax.train.forward import response_mask
+from dqo_jax.train.policy_value_step import make_policy_value_step, masked_mean
+
+
+def objective(cfg, reward_cfg=None):
+  """cfg is `config.dqo`; `reward_cfg` (`config.rewards`) is needed only for process
+  supervision's value targets."""
+  beta, lam, norm = float(cfg.beta), float(cfg.lam), cfg.loss_norm
+  ps = cfg.process
+  alpha = float(ps.alpha)
+
+  def losses_of(logp, values, batch, step):
+    mask = response_mask(batch).astype(jnp.float32)
+    ref = batch["ref_logprobs"]
+    rewards = losses.place_outcome_rewards(batch["reward"], batch["response_len"], mask.shape[1])
+    if ps.enabled:
+      rewards = rewards + losses.potential_shaping(batch["potentials"], mask, alpha=alpha)
+    returns = losses.soft_lambda_returns(
+        rewards,
+        values,
+        logp,
+        ref,
+        mask,
+        beta=beta,
+        lam=lam,
+        behaviour_logprobs=batch["behaviour_logprobs"] if cfg.importance_traces else None,
+        rho_max=float(cfg.rho_max),
+        c_max=float(cfg.c_max),
+        impl=cfg.return_impl,
+    )
+    policy_loss = lambda lp: losses.dqo_q_loss(
+        lp, ref, values, rewards, returns, mask, beta=beta, lam=lam, normalize=norm
+    )
+    value_loss = lambda v: losses.dqo_value_loss(v, returns, mask, normalize=norm)
+    if ps.enabled and ps.value_weight:
+      value_loss = _with_process_value_loss(value_loss, batch, ps, reward_cfg, step)
+
+    log_ratio = logp - ref
+    advantage = losses.q_targets(rewards, values, returns, mask, lam=lam) - beta * log_ratio
+    adv_mean = masked_mean(advantage, mask)
+    metrics = dict(
+        mean_value=masked_mean(values, mask),
+        mean_log_ratio=masked_mean(log_ratio, mask),
+        seq_log_ratio=jnp.mean(jnp.sum(log_ratio * mask, axis=1)),
+        mean_return=masked_mean(returns, mask),
+        advantage_mean=adv_mean,
+        advantage_std=jnp.sqrt(masked_mean((advantage - adv_mean) ** 2, mask)),
+        reward=jnp.mean(batch["reward"]),
+    )
+    if ps.enabled:
+      # V(s_0) beside the rollouts' Monte-Carlo success rate p_0 of pi_ref from the bare prompt:
+      # where V stands against what the prompt is worth under pi_ref (under shaping V* is
+      # offset by -alpha p_0, and above p_0 by the soft improvement over pi_ref).
+      metrics.update(
+          prompt_value=jnp.mean(values[:, 0]), prompt_mc_success=jnp.mean(batch["potentials"][:, 0])
+      )
+    return policy_loss, value_loss, metrics
+
+  return losses_of
+
+
+def _with_process_value_loss(value_loss, batch, ps, reward_cfg, step):
+  """Adds the warm start of V at step boundaries: (V(s) - (R_c p + R_i (1 - p) - alpha p))^2,
+  weighted by `value_weight`, decaying linearly to 0 over `value_decay_steps`."""
+  p, at = batch["potentials"], batch["boundary_mask"]
+  target = reward_cfg.correct * p + reward_cfg.incorrect * (1.0 - p) - ps.alpha * p
+  decay = jnp.maximum(0.0, 1.0 - step / max(int(ps.value_decay_steps), 1))
+  weight = float(ps.value_weight) * decay
+  return lambda v: value_loss(v) + weight * masked_mean(jnp.square(v - target), at)
+
+
+def make_dqo_step(
+    policy_model, value_model, policy_tx, value_tx, cfg, reward_cfg=None, grad_accum_steps=1
+):
+  """The DQO step; cfg is `config.dqo`."""
+  return make_policy_value_step(
+      policy_model,
+      value_model,
+      policy_tx,
+      value_tx,
+      objective(cfg, reward_cfg),
+      int(cfg.value_warmup_steps),
+      grad_accum_steps,
+  )
+
+
+def view(data: TrainData) -> View:
+  records, arrays = data.samples
+  cfg = data.config
+  if cfg.dqo.process.enabled:
+    arrays = dict(
+        arrays,
+        **views.process_arrays(
+            data.read_potentials(), arrays["response_len"], cfg.data.max_response_len
+        ),
+    )
+  return View(data.batches(arrays, len(records)), len(records), {})
+
+
+def defaults(beta: float) -> dict:
+  return dict(
+      beta=beta,
+      lam=1.0,
+      importance_traces=False,
+      rho_max=1.0,
+      c_max=1.0,
+      # How G_t's recursion runs: "scan" (lax.scan over tokens; the faster on CPU, see
+      # benchmarks/returns.py) or "associative" (lax.associative_scan, log depth).
+      return_impl="scan",
+      loss_norm="token",  # "token": mean over valid tokens; "sequence": mean of per-sequence means
+      value_warmup_steps=0,  # steps at the start that update only the value model
+      # Potential-based shaping from Monte-Carlo rollouts of pi_ref at every step delimiter,
+      # computed once by the `rollouts` stage (docs/method.md, "Process supervision").
+      process=dict(
+          enabled=False,
+          rollouts_per_step=4,
+          alpha=1.0,
+          delimiter="\n",
+          value_weight=0.0,  # > 0: also regress V onto the rollouts' estimate at boundaries
+          value_decay_steps=100,  # ... with a weight decaying linearly to 0 over these steps
+          batch_size=256,
+      ),
+  )
+
+
+def check(config) -> None:
+  d = config.dqo
+  if d.importance_traces and d.c_max > d.rho_max:
+    raise UserError(
+        f"config.dqo.c_max={d.c_max} exceeds rho_max={d.rho_max}; V-trace needs c_max <= rho_max"
+    )
+  if d.loss_norm not in ("token", "sequence"):
+    raise UserError(f"config.dqo.loss_norm={d.loss_norm!r}; use 'token' or 'sequence'")
+  if d.return_impl not in losses.RETURN_IMPLS:
+    raise UserError(
+        f"config.dqo.return_impl={d.return_impl!r}; choose from {', '.join(losses.RETURN_IMPLS)}"
+    )
+  if not 0 <= d.value_warmup_steps < config.train.steps:
+    raise UserError(
+        f"config.dqo.value_warmup_steps={d.value_warmup_steps} must lie in [0, train.steps)"
+    )
+  if d.process.enabled and d.process.rollouts_per_step < 1:
+    raise UserError("config.dqo.process.rollouts_per_step must be at least 1")
+  if not 0.0 <= d.lam <= 1.0:
+    raise UserError(f"config.dqo.lam={d.lam} must lie in [0, 1]")
+
+
+METHOD = Method(
+    name="dqo",
+    order=6,
+    summary="DQO: soft Q-learning of the policy on soft lambda-returns, with a value model V(s)",
+    view=view,
+    objective=lambda config, view: objective(config.dqo, config.rewards),
+    trains_value=True,
+    defaults=defaults,
+    check=check,
+    runs=("dqo", "dqo_ps"),
+    run_name=lambda config: "dqo_ps" if config.dqo.process.enabled else "dqo",
+    rollout_runs=("dqo_ps",),
+    variants={"dqo_ps": {"dqo.process.enabled": True}},
+    ablations={
+        "dqo_lam0": {"dqo.lam": 0.0},
+        "dqo_lam0.95": {"dqo.lam": 0.95},
+        "dqo_traces": {"dqo.importance_traces": True},
+        "dqo_ps_lam0.95": {"dqo.process.enabled": True, "dqo.lam": 0.95},
+    },
+    value_warmup=lambda config: int(config.dqo.value_warmup_steps),
+)
