@@ -12,7 +12,6 @@ in `LIBTPU_DIR`, where the README's test command installs it (`requirements-aot.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import math
@@ -147,32 +146,6 @@ def model_config(config) -> ModelConfig:
   return ModelConfig.from_config(m, config.tokenizer.vocab_size)
 
 
-def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of a training batch, taken from the arrays the train stage builds."""
-  from dqo_jax.data import views  # pylint: disable=g-import-not-at-top
-  from dqo_jax.stages.train import offline_arrays  # pylint: disable=g-import-not-at-top
-
-  d = config.data
-  record = dict(
-      prompt=[0],
-      response=[0],
-      behaviour_logprobs=[0.0],
-      ref_logprobs=[0.0],
-      reward=0.0,
-      correct=False,
-      finish="eos",
-  )
-  arrays = offline_arrays([record], d, pad_id=0)
-  if methods.of(config).needs_rollouts(config):
-    potentials = [dict(boundaries=[], potentials=[0.0])]
-    arrays.update(views.process_arrays(potentials, arrays["response_len"], d.max_response_len))
-  b = int(config.train.batch_size)
-  return {
-      k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype, sharding=batch_sharding)
-      for k, v in arrays.items()
-  }
-
-
 def _shard_bytes(tree) -> int:
   """Bytes one chip holds of a tree of sharded ShapeDtypeStructs."""
   return sum(
@@ -183,9 +156,8 @@ def _shard_bytes(tree) -> int:
 
 def compile_step(config, topology: str) -> dict:
   """Compiles the train step of `config` (method dqo or dro) for a TPU slice; the report."""
-  from dqo_jax.stages import train  # pylint: disable=g-import-not-at-top
-  from dqo_jax.stages.context import Context  # pylint: disable=g-import-not-at-top
-  from dqo_jax.train.loop import abstract_state, jit_step  # pylint: disable=g-import-not-at-top
+  from dqo_jax.train.build import build_train_step  # pylint: disable=g-import-not-at-top
+  from dqo_jax.train.loop import jit_step  # pylint: disable=g-import-not-at-top
 
   value_methods = [name for name, m in methods.registry().items() if m.trains_value]
   if config.method not in value_methods:
@@ -205,15 +177,10 @@ def compile_step(config, topology: str) -> dict:
         f"data x fsdp = {data_ways} chips; change the batch size or config.mesh"
     )
   model_cfg = model_config(config)
-  config = copy.deepcopy(config)
-  config.model.path = ""  # the architecture is known: never read weights
-  ctx = Context(config, workdir="", tokenizer=None, train=None, test=None, mesh=mesh)
-  ctx.model_cfg = model_cfg  # pylint: disable=attribute-defined-outside-init
-  init, _ = train.init_fn(ctx)
-  state, shardings = abstract_state(init, mesh, ctx.rules, (ctx.sft_abstract_state().params,))
-  batch = abstract_batch(config, sharding.batch_sharding(mesh))
+  built = build_train_step(config, model_cfg, mesh)
+  state, batch = built.abstract_state, built.abstract_batch
   t0 = time.time()
-  step = jit_step(train.make_step(ctx), shardings, mesh, ctx.rules)
+  step = jit_step(built.step_fn, built.state_shardings, mesh, sharding.logical_rules(config.mesh))
   try:
     compiled = step.lower(state, batch).compile()
   except jax.errors.JaxRuntimeError as e:

@@ -203,7 +203,7 @@ def import_hf(
         + ", ".join(missing[:4])
         + (" ..." if len(missing) > 4 else "")
     )
-  return cfg, rebox(boxed, params)
+  return cfg, sharding.rebox(boxed, params)
 
 
 def _has(tree, path) -> bool:
@@ -212,14 +212,6 @@ def _has(tree, path) -> bool:
     return True
   except KeyError:
     return False
-
-
-def rebox(boxed, values):
-  """`values` wrapped in the logical-partitioning boxes of `boxed` (same tree structure)."""
-  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
-  return jax.tree.map(
-      lambda box, v: box.replace_boxed(v) if is_box(box) else v, boxed, values, is_leaf=is_box
-  )
 
 
 def _check_dir(directory: str) -> None:
@@ -347,7 +339,7 @@ def load_ours(
   )
   with ocp.StandardCheckpointer() as ckpt:
     params = ckpt.restore(os.path.join(directory, OUR_PARAMS), target)
-  return cfg, rebox(boxed, params)
+  return cfg, sharding.rebox(boxed, params)
 
 
 def load_pretrained_params(

@@ -149,3 +149,11 @@ def put_batch(batch, mesh: Mesh):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sh, x[mine], (rows, *x.shape[1:])), batch
   )
+
+
+def rebox(boxed, values):
+  """`values` wrapped in the logical-partitioning boxes of `boxed` (same tree structure)."""
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  return jax.tree.map(
+      lambda box, v: box.replace_boxed(v) if is_box(box) else v, boxed, values, is_leaf=is_box
+  )

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from dqo_jax import convert, safetensors_io  # noqa: E402
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy  # noqa: E402
 from dqo_jax.sampler import generate  # noqa: E402
+from dqo_jax.train import build  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -288,7 +289,9 @@ def test_config_model_path_gives_the_stages_the_pretrained_policy(llama_dir, tmp
       nn.meta.unbox(state.params)["layer_1"]["mlp"]["up"]["kernel"],
       nn.meta.unbox(boxed)["layer_1"]["mlp"]["up"]["kernel"],
   )
-  value = nn.meta.unbox(ctx.value_params_from(nn.meta.unbox(state.params), jax.random.key(1)))
+  value_model = build.models(config, ctx.model_cfg)[1]
+  value = build.value_params_from(value_model, nn.meta.unbox(state.params), jax.random.key(1))
+  value = nn.meta.unbox(value)
   assert not np.any(np.asarray(value["value_head"])) and "lm_head" not in value
 
 

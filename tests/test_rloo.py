@@ -15,7 +15,7 @@ from dqo_jax import methods
 from dqo_jax.errors import UserError
 from dqo_jax.main import check_config
 from dqo_jax.methods import rloo
-from dqo_jax.stages.train import offline_arrays
+from dqo_jax.data.offline import offline_arrays
 
 from tiny_run import ROOT, command
 

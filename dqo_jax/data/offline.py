@@ -15,6 +15,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from dqo_jax.data.batches import left_pad, right_pad
+from dqo_jax.data.views import is_success
 from dqo_jax.distributed import is_writer
 from dqo_jax.errors import UserError
 
@@ -122,3 +123,14 @@ def right_pad_floats(seqs: list[list[float]], length: int) -> np.ndarray:
   for i, s in enumerate(seqs):
     out[i, : len(s)] = s
   return out
+
+
+def offline_arrays(
+    records: list[dict], data_cfg, pad_id: int, vocab_size: int | None = None
+) -> dict[str, np.ndarray]:
+  """The sample stage's records as the arrays every method's view draws its batches from."""
+  arrays = to_arrays(
+      records, data_cfg.max_prompt_len, data_cfg.max_response_len, pad_id, vocab_size
+  )
+  arrays["correct"] = np.array([is_success(r) for r in records], np.float32)
+  return arrays

@@ -6,17 +6,14 @@ import dataclasses
 import functools
 import os
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
 from dqo_jax import convert, methods, sharding
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import prompts, tasks
 from dqo_jax.data.batches import Encoded, encode_examples
 from dqo_jax.errors import UserError
-from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
+from dqo_jax.model import ModelConfig, Transformer
 from dqo_jax.tokenizer import Tokenizer
+from dqo_jax.train import build
 from dqo_jax.train.loop import abstract_state
 from dqo_jax.train.state import TrainState, make_optimizer
 from dqo_jax.workdir import Workdir
@@ -87,16 +84,7 @@ class Context:
 
   @functools.cached_property
   def policy_model(self) -> Transformer:
-    return Transformer(
-        self.model_cfg,
-        head="lm",
-        remat=self.config.model.get("remat", "none"),
-        logprob_chunk=self.config.model.get("logprob_chunk", 0),
-    )
-
-  @functools.cached_property
-  def value_model(self) -> Transformer:
-    return Transformer(self.model_cfg, head="value", remat=self.config.model.get("remat", "none"))
+    return build.models(self.config, self.model_cfg)[0]
 
   def checkpoint_dir(self, stage: str) -> str:
     return (self.remote or Workdir(self.workdir)).checkpoints(stage)
@@ -116,8 +104,7 @@ class Context:
     checkpoint's for the policy when `config.model.path` is set."""
     if self.config.model.get("path") and model.head == "lm":
       return self._pretrained_params
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    return model.init(rng, tokens, jnp.ones_like(tokens))["params"]
+    return build.boxed_init(model, rng)
 
   @functools.cached_property
   def _pretrained_params(self):
@@ -143,19 +130,6 @@ class Context:
           f"no checkpoint in {self.checkpoint_dir('sft')}, although the 'sft' stage is marked "
           "done; run it again with --redo=sft"
       ) from None
-
-  def value_params_from(self, policy_params, rng):
-    """The value model: the policy's trunk with a fresh (zero) scalar head, boxed."""
-    boxed = self.init_params(self.value_model, rng)
-    return rebox(boxed, value_params_from_policy(policy_params, nn.meta.unbox(boxed)))
-
-
-def rebox(boxed, values):
-  """`values` wrapped in the logical-partitioning boxes of `boxed` (same tree structure)."""
-  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
-  return jax.tree.map(
-      lambda box, v: box.replace_boxed(v) if is_box(box) else v, boxed, values, is_leaf=is_box
-  )
 
 
 def build_context(config, workdir: Workdir) -> Context:

@@ -1,0 +1,142 @@
+"""A method's train step built from the config, the architecture and the mesh alone: what the
+`train` stage runs and what `--compile_only` compiles for a TPU slice, from one function
+(`build_train_step`), as MaxText's training and AOT compilation share theirs.
+
+The state starts from the SFT policy (`init_fn(rng, sft_params)`); DQO and DRO add a value model
+with the SFT trunk and a fresh zero head. Nothing here reads a workdir, data or weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax.linen import meta
+
+from dqo_jax import methods, sharding
+from dqo_jax.data.offline import offline_arrays
+from dqo_jax.data.views import process_arrays
+from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
+from dqo_jax.train import policy_step
+from dqo_jax.train.loop import abstract_state
+from dqo_jax.train.policy_value_step import PolicyValueState, make_policy_value_step
+from dqo_jax.train.state import TrainState, make_optimizer
+
+
+def models(config, model_cfg: ModelConfig) -> tuple[Transformer, Transformer]:
+  """The policy (language-model head) and the value model (scalar head) of `config.model`."""
+  remat = config.model.get("remat", "none")
+  policy = Transformer(
+      model_cfg, head="lm", remat=remat, logprob_chunk=config.model.get("logprob_chunk", 0)
+  )
+  return policy, Transformer(model_cfg, head="value", remat=remat)
+
+
+def boxed_init(model: Transformer, rng):
+  """Fresh parameters boxed with their logical axis names."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return model.init(rng, tokens, jnp.ones_like(tokens))["params"]
+
+
+def value_params_from(value_model: Transformer, policy_params, rng):
+  """The value model: the policy's trunk with a fresh (zero) scalar head, boxed."""
+  boxed = boxed_init(value_model, rng)
+  return sharding.rebox(boxed, value_params_from_policy(policy_params, meta.unbox(boxed)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """`init_fn(rng, sft_params)` -> the method's fresh state (boxed); `step_fn(state, batch)` ->
+  (state, metrics); the abstract state (with its shardings) and batch for compiling it."""
+
+  config: object
+  policy_model: Transformer
+  mesh: object
+  init_fn: Callable
+  step_fn: Callable
+
+  @functools.cached_property
+  def _abstract(self):
+    sft_shapes = jax.eval_shape(
+        lambda: meta.unbox(boxed_init(self.policy_model, jax.random.key(0)))
+    )
+    return abstract_state(
+        self.init_fn, self.mesh, sharding.logical_rules(self.config.mesh), (sft_shapes,)
+    )
+
+  @property
+  def abstract_state(self):
+    return self._abstract[0]
+
+  @property
+  def state_shardings(self):
+    return self._abstract[1]
+
+  @property
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return abstract_batch(self.config, sharding.batch_sharding(self.mesh))
+
+
+def build_train_step(config, model_cfg: ModelConfig, mesh, view: methods.View | None = None):
+  """The `train` stage's step of `config.method`; `view` is the method's data where its
+  objective depends on it (KTO's class weights), None where the config suffices."""
+  method = methods.of(config)
+  t = config.train
+  policy_model, value_model = models(config, model_cfg)
+  policy_tx = make_optimizer(t.policy_optimizer, t.steps - method.value_warmup(config))
+  objective = method.objective(config, view)
+  accum = t.grad_accum_steps
+  if not method.trains_value:
+
+    def policy_only(rng, sft_params):
+      return TrainState.create(sharding.rebox(boxed_init(policy_model, rng), sft_params), policy_tx)
+
+    step = policy_step.make_policy_step(policy_model, policy_tx, objective, accum)
+    return TrainStep(config, policy_model, mesh, policy_only, step)
+  value_tx = make_optimizer(t.value_optimizer, t.steps)
+
+  def policy_and_value(rng, sft_params):
+    policy_rng, value_rng = jax.random.split(rng)
+    policy = sharding.rebox(boxed_init(policy_model, policy_rng), sft_params)
+    value = value_params_from(value_model, sft_params, value_rng)
+    return PolicyValueState(
+        policy=TrainState.create(policy, policy_tx), value=TrainState.create(value, value_tx)
+    )
+
+  step = make_policy_value_step(
+      policy_model, value_model, policy_tx, value_tx, objective, method.value_warmup(config), accum
+  )
+  return TrainStep(config, policy_model, mesh, policy_and_value, step)
+
+
+def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a full-width training batch of `config.method`, from the arrays the
+  views draw their batches from (`train.batch_size` examples of `rows_per_example` rows)."""
+  d = config.data
+  record = dict(
+      prompt=[0],
+      response=[0],
+      behaviour_logprobs=[0.0],
+      ref_logprobs=[0.0],
+      reward=0.0,
+      correct=False,
+      finish="eos",
+  )
+  arrays = offline_arrays([record], d, pad_id=0)
+  method = methods.of(config)
+  if method.needs_rollouts(config):
+    potentials = [dict(boundaries=[], potentials=[0.0])]
+    arrays.update(process_arrays(potentials, arrays["response_len"], d.max_response_len))
+  rows = int(config.train.batch_size) * method.rows_per_example
+  return {
+      k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype, sharding=batch_sharding)
+      for k, v in arrays.items()
+  }
+
+
+def policy_of(state):
+  """The policy's parameters in a method's state."""
+  return state.policy.params if isinstance(state, PolicyValueState) else state.params
