@@ -18,8 +18,6 @@ import os
 import runpy
 import types
 
-import ml_collections
-
 # The shared parts, loaded by path: config files are run by path, not imported as a package.
 common = types.SimpleNamespace(
     **runpy.run_path(os.path.join(os.path.dirname(__file__), "common.py"))
@@ -28,10 +26,8 @@ optimizer = common.optimizer
 
 
 def get_config(arg: str = ""):
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.stages = "sft,sample,rollouts,train,eval"  # rollouts: only for DQO + process
-
+  # configs/common.py's base config at the scale of this task: what is set here differs from it.
+  c = common.base_config()
   c.data = dict(
       task="arith",
       dir="",  # "" = <workdir>/data; the TFDS dataset and the tokenizer are cached there
@@ -73,27 +69,17 @@ def get_config(arg: str = ""):
       logprob_chunk=0,  # see configs/common.py RUN_OPTIONS
   )
 
-  # Mesh sizes over all devices (-1 = the rest) and logical-axis -> mesh-axis rules.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.mesh.rules = common.MESH_RULES
-
-  c.checkpoint = dict(every=200, keep=2)
+  c.mesh.update(data=-1, fsdp=1)  # data parallel: the model is small
   c.log_every = 25
 
-  c.sft = dict(
+  c.sft.update(
       steps=3000,  # validation accuracy rises little after about 2,800 (docs/results.md)
       batch_size=16,
-      grad_accum_steps=1,  # micro-batches per step: the same update with 1/k of the activations
       # 1: plain shuffled batches; 8 buckets slowed generalisation here (docs/results.md)
       length_buckets=1,
       optimizer=optimizer(1e-3, 100, weight_decay=0.01),
-      max_consecutive_nonfinite=10,  # as train.max_consecutive_nonfinite (configs/common.py)
   )
-
-  c.sample = dict(num_prompts=2000, samples_per_prompt=4, temperature=1.0, batch_size=256)
-
-  # Rewards of a verified response; a response cut at the length limit counts as unparseable.
-  c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
+  c.sample.update(num_prompts=2000, batch_size=256)
 
   # beta=0.5: of beta in {0.1, 0.2, 0.5, 1.0} tried on this task (seed 0, 400 steps), 0.5 and 1.0
   # came closest to SFT and 0.1 fell furthest below it; see docs/results.md.
@@ -101,17 +87,9 @@ def get_config(arg: str = ""):
 
   # every: greedy accuracy on the first monitor_examples validation problems while training, and
   # for the train stage E[R] - beta KL of fresh samples on as many train and validation prompts
-  # (0 = off);
-  # samples_per_problem = k: also the accuracy of temperature samples, pass@k and maj@k (0 = off)
-  c.eval = dict(
-      num_examples=-1,
-      batch_size=250,
-      max_new_tokens=64,
-      every=200,
-      monitor_examples=250,
-      samples_per_problem=4,
-      test=True,  # False: the eval stage scores validation only (dqo_jax.compare --split)
-  )
+  # (0 = off); samples_per_problem = k: also the accuracy of temperature samples, pass@k and
+  # maj@k (0 = off)
+  c.eval.update(batch_size=250, max_new_tokens=64, monitor_examples=250, samples_per_problem=4)
 
   if arg == "all_gold":
     c.data.num_gold = -1

@@ -10,11 +10,11 @@ from dqo_jax import methods
 # Presets that fine-tune a pretrained model: its weights and tokenizer come from
 # --config.model.path=DIR (a local copy of the Hugging Face repository named here).
 PRETRAINED = {
-    "qwen2_0_5b": dict(name="Qwen2-0.5B", hf_repo="Qwen/Qwen2-0.5B", family="qwen2"),
-    "qwen2_1_5b": dict(name="Qwen2-1.5B", hf_repo="Qwen/Qwen2-1.5B", family="qwen2"),
-    "qwen2_7b": dict(name="Qwen2-7B", hf_repo="Qwen/Qwen2-7B", family="qwen2"),
-    "gemma_7b": dict(name="Gemma-7B", hf_repo="google/gemma-7b", family="gemma"),
-    "llama3_8b": dict(name="Llama-3-8B", hf_repo="meta-llama/Meta-Llama-3-8B", family="llama3"),
+    "qwen2_0_5b": dict(name="Qwen2-0.5B", hf_repo="Qwen/Qwen2-0.5B"),
+    "qwen2_1_5b": dict(name="Qwen2-1.5B", hf_repo="Qwen/Qwen2-1.5B"),
+    "qwen2_7b": dict(name="Qwen2-7B", hf_repo="Qwen/Qwen2-7B"),
+    "gemma_7b": dict(name="Gemma-7B", hf_repo="google/gemma-7b"),
+    "llama3_8b": dict(name="Llama-3-8B", hf_repo="meta-llama/Meta-Llama-3-8B"),
 }
 
 
@@ -87,6 +87,7 @@ def base_config():
       max_consecutive_nonfinite=10,
   )
   c.sample = dict(num_prompts=-1, samples_per_prompt=4, temperature=1.0, batch_size=64)
+  # Rewards of a verified response; a response cut at the length limit counts as unparseable.
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
   add_methods(c, steps=1000, batch_size=64, policy_lr=1e-6, value_lr=1e-5, beta=0.1)
   # samples_per_problem = k > 0: also the accuracy of temperature samples, pass@k and maj@k

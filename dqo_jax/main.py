@@ -66,7 +66,7 @@ _TOPOLOGY = flags.DEFINE_string(
 
 def check_config(config) -> list[str]:
   from dqo_jax import methods
-  from dqo_jax.model import REMAT_POLICIES
+  from dqo_jax.model import REMAT_POLICIES, unknown_config_keys
   from dqo_jax.stages.context import STAGES
   from dqo_jax.train import accumulate
 
@@ -85,6 +85,9 @@ def check_config(config) -> list[str]:
         config[section].grad_accum_steps,
         f"config.{section}.grad_accum_steps",
     )
+  unknown = unknown_config_keys(config.model)
+  if unknown:
+    raise UserError(f"config.model has no setting {', '.join(unknown)}")
   remat = config.model.get("remat", "none")
   if remat not in REMAT_POLICIES:
     raise UserError(f"config.model.remat={remat!r}; choose from {', '.join(REMAT_POLICIES)}")

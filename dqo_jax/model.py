@@ -20,6 +20,7 @@ Layout conventions used everywhere in the project:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 import flax.linen as nn
@@ -91,10 +92,15 @@ class ModelConfig:
   def from_config(cls, cfg, vocab_size: int) -> "ModelConfig":
     """Builds from an ml_collections `config.model`; the vocabulary comes from the tokenizer.
 
-    Keys that are not fields (e.g. `path`, read by `dqo_jax.convert.load_pretrained`) are ignored.
+    The keys in RUN_KEYS are not architecture fields and are left to their readers; any other
+    key that is not a field is refused (`unknown_config_keys`).
     """
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-    return cls(vocab_size=vocab_size, **{k: _frozen(v) for k, v in cfg.items() if k in fields})
+    unknown = unknown_config_keys(cfg)
+    if unknown:
+      raise ValueError(f"config.model has no field {unknown[0]}")
+    return cls(
+        vocab_size=vocab_size, **{k: _frozen(v) for k, v in cfg.items() if k not in RUN_KEYS}
+    )
 
   @classmethod
   def from_hf(cls, config, dtype: str = "float32") -> "ModelConfig":
@@ -119,6 +125,25 @@ class ModelConfig:
 
 
 _ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+# Keys of `config.model` that are not architecture fields: where a pretrained model lives
+# (`path`, read by `dqo_jax.convert.load_pretrained`; `hf_repo` and `name`, which describe a
+# preset) and how the Transformer runs (`remat`, `logprob_chunk`).
+RUN_KEYS = ("path", "name", "hf_repo", "remat", "logprob_chunk")
+
+
+def unknown_config_keys(cfg) -> list[str]:
+  """The keys of `config.model` that are neither ModelConfig fields nor RUN_KEYS, each as
+  'key' or 'key (did you mean "field"?)'."""
+  known = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
+  known += RUN_KEYS
+  out = []
+  for key in cfg:
+    if key not in known:
+      near = difflib.get_close_matches(key, known, n=1)
+      out.append(f"{key} (did you mean {near[0]!r}?)" if near else key)
+  return out
+
 
 # `model.remat`: what a decoder block keeps for the backward pass; the rest is recomputed there.
 # "full" keeps only each block's input (least memory, one more forward pass); "dots" keeps the

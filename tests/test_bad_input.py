@@ -244,3 +244,23 @@ def test_redo_knows_every_run_directory():
       ("rollouts", {"dqo_ps"}),
   ):
     assert {os.path.join("eval", r) for r in runs} <= set(redo.invalidated(_config(), [stage]))
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("stages", "sft,rl", "unknown stage(s) ['rl']"),
+        ("method", "ppo", "config.method='ppo'; choose from sft, rft, dpo, kto, rloo, dro, dqo"),
+        ("train.grad_accum_steps", 3, "grad_accum_steps=3 must be at least 1 and divide"),
+        ("model.remat", "some", "choose from none, full, dots"),
+        ("model.d_modle", 256, "config.model has no setting d_modle (did you mean 'd_model'?)"),
+        ("dqo.lam", 1.5, "config.dqo.lam=1.5 must lie in [0, 1]"),
+    ],
+)
+def test_check_config_names_the_bad_setting(key, value, expected):
+  config = _config()
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(UserError) as e:
+    main.check_config(config)
+  assert expected in str(e.value)
