@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dqo_jax import rng
 from dqo_jax.data.batches import Encoded, batch_fn
 from dqo_jax.errors import UserError
 
@@ -51,7 +52,8 @@ class TrainData:
 
   @property
   def seed(self) -> int:
-    return self.config.seed + 2
+    """The seed of the batch order and of any subset a view draws."""
+    return rng.numpy_seed(self.config.seed, "train.batches")
 
   def batches(self, arrays, n: int, batch_size: int | None = None, rows=lambda idx: idx):
     """batch_at over `n` examples of `arrays` (`dqo_jax.data.batches.batch_fn`), with the

@@ -11,9 +11,8 @@ import functools
 import json
 import os
 
-import jax
 
-from dqo_jax import methods
+from dqo_jax import methods, rng
 from dqo_jax.errors import UserError
 from dqo_jax.metrics import ScalarWriter, write_json_atomic
 from dqo_jax.stages.context import Context
@@ -55,9 +54,9 @@ def _evaluate(ctx: Context, name: str, params_fn, ref_params_fn) -> dict:
   if ctx.validation is not None:
     result["validation"] = _accuracies(ctx, params, name, "validation")
   n = cfg.eval.num_examples if cfg.eval.num_examples > 0 else len(ctx.split(held_out))
-  rng = jax.random.key(cfg.seed + 4)
+  key = rng.key(cfg.seed, "eval.objective")
   result["objective"] = {
-      split: sampled_objective(ctx, params, ref_params_fn(), split, n, float(cfg.dqo.beta), rng)
+      split: sampled_objective(ctx, params, ref_params_fn(), split, n, float(cfg.dqo.beta), key)
       for split in ("train", held_out)
   }
   os.makedirs(out_dir, exist_ok=True)

@@ -9,6 +9,7 @@ from collections import Counter
 import jax
 import numpy as np
 
+from dqo_jax import rng
 from dqo_jax.generation import accuracy_by_steps, generate_all, grade_samples
 from dqo_jax.stages.context import Context
 from dqo_jax.stages.sample import reference_logprobs
@@ -68,7 +69,7 @@ def sampled_accuracy(
       params,
       enc.arrays["prompt"][rows],
       enc.arrays["prompt_mask"][rows],
-      jax.random.key(cfg.seed + 2),
+      rng.key(cfg.seed, "eval.sampled"),
       tok=ctx.tokenizer,
       mesh=ctx.mesh,
       batch_size=cfg.eval.batch_size,
@@ -142,10 +143,10 @@ def accuracy_monitor(ctx: Context, params_of, ref_params=None):
         **{f"val_accuracy_steps_{k}": v for k, v in result["by_steps"].items()},
     }
     if ref_params is not None:
-      rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-      for split, key in (("train", "train_prompts"), ("validation", "val")):
-        o = sampled_objective(ctx, params, ref_params, split, n, beta, rng)
-        out.update({f"{key}_{name}": v for name, v in o.items()})
+      key = jax.random.fold_in(rng.key(cfg.seed, "monitor.objective"), step)
+      for split, name in (("train", "train_prompts"), ("validation", "val")):
+        o = sampled_objective(ctx, params, ref_params, split, n, beta, key)
+        out.update({f"{name}_{k}": v for k, v in o.items()})
     return out
 
   return on_log

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 
-from dqo_jax import rewards
+from dqo_jax import rewards, rng
 from dqo_jax.data.batches import left_pad
 from dqo_jax.data.offline import FIELDS as SAMPLE_FIELDS
 from dqo_jax.data.offline import read_records, write_records
@@ -80,7 +79,7 @@ def run(ctx: Context) -> dict:
       ctx.sft_params(),
       tokens[rows],
       mask[rows],
-      jax.random.key(cfg.seed + 4),
+      rng.key(cfg.seed, "rollouts"),
       tok=tok,
       mesh=ctx.mesh,
       batch_size=ps.batch_size,

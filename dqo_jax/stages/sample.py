@@ -17,7 +17,7 @@ import os
 import jax
 import numpy as np
 
-from dqo_jax import distributed, sharding
+from dqo_jax import distributed, rng, sharding
 from dqo_jax.data.offline import write_records
 from dqo_jax.generation import generate_all, grade_samples
 from dqo_jax.progress import tqdm
@@ -68,7 +68,7 @@ def run(ctx: Context) -> dict:
       params,
       prompt,
       prompt_mask,
-      jax.random.key(cfg.seed + 1),
+      rng.key(cfg.seed, "sample"),
       tok=tok,
       mesh=ctx.mesh,
       batch_size=s.batch_size,

@@ -3,8 +3,8 @@ all training problems or of the first `data.num_gold`."""
 
 from __future__ import annotations
 
-import jax
 
+from dqo_jax import rng
 from dqo_jax.data.batches import batch_fn
 from dqo_jax.stages.context import Context
 from dqo_jax.stages.monitor import accuracy_monitor
@@ -19,7 +19,9 @@ def run(ctx: Context) -> dict:
   init_fn, tx = ctx.sft_init_fn()
   arrays = {k: ctx.gold.arrays[k] for k in BATCH_KEYS}
   n, buckets = len(ctx.gold), int(cfg.sft.get("length_buckets", 1))
-  batch_at = batch_fn(arrays, n, cfg.sft.batch_size, cfg.seed, buckets)
+  batch_at = batch_fn(
+      arrays, n, cfg.sft.batch_size, rng.numpy_seed(cfg.seed, "sft.batches"), buckets
+  )
   _, summary = fit(
       stage_dir=ctx.stage_dir("sft"),
       init_fn=init_fn,
@@ -28,7 +30,7 @@ def run(ctx: Context) -> dict:
       num_steps=cfg.sft.steps,
       mesh=ctx.mesh,
       rules=ctx.rules,
-      rng=jax.random.key(cfg.seed),
+      rng=rng.key(cfg.seed, "sft.init"),
       checkpoint_cfg=cfg.checkpoint,
       max_nonfinite=cfg.sft.max_consecutive_nonfinite,
       log_every=cfg.log_every,

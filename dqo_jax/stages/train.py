@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 
-import jax
 
-from dqo_jax import methods
+from dqo_jax import methods, rng
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data.offline import FIELDS, offline_arrays, read_records
 from dqo_jax.stages.context import Context
@@ -72,7 +71,7 @@ def run(ctx: Context) -> dict:
       num_steps=cfg.train.steps,
       mesh=ctx.mesh,
       rules=ctx.rules,
-      rng=jax.random.key(cfg.seed + 3),
+      rng=rng.key(cfg.seed, "train.init"),
       checkpoint_cfg=cfg.checkpoint,
       max_nonfinite=cfg.train.max_consecutive_nonfinite,
       log_every=cfg.log_every,
