@@ -162,7 +162,7 @@ def import_hf(
   logical axis names), each tensor converted to `dtype` and placed by `rules` on `mesh`."""
   directory = os.fspath(directory)
   _check_dir(directory)
-  cfg = ModelConfig.from_hf(directory, dtype=compute_dtype)
+  cfg = hf_config.model_config_from_hf(directory, compute_dtype)
   files = safetensors_io.checkpoint_files(directory)
   boxed = abstract_params(cfg)
   shapes = nn.meta.unbox(boxed)
@@ -397,7 +397,7 @@ def pretrained_config(path: str | os.PathLike, compute_dtype: str = "float32") -
     with open(ours) as f:
       return ModelConfig.from_json(json.load(f) | {"dtype": compute_dtype})
   _check_dir(path)
-  return ModelConfig.from_hf(path, dtype=compute_dtype)
+  return hf_config.model_config_from_hf(path, compute_dtype)
 
 
 def _restore_trained_params(checkpoints: str, cfg: ModelConfig):

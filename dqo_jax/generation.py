@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import jax
@@ -12,6 +13,7 @@ from dqo_jax.model import Transformer
 from dqo_jax.progress import tqdm
 from dqo_jax.sampler import FINISH_LENGTH, Samples, generate
 from dqo_jax.tokenizer import Tokenizer
+from dqo_jax.train.forward import response_logprobs
 
 
 def generate_all(
@@ -88,3 +90,29 @@ def accuracy_by_steps(correct: np.ndarray, num_steps: np.ndarray) -> dict:
       by_steps={str(s): float(np.mean(v)) for s, v in sorted(groups.items())},
       n=int(len(correct)),
   )
+
+
+@functools.cache
+def _logprobs_fn(model):
+  # One compilation per model and batch shape, however often the monitor calls it.
+  return jax.jit(functools.partial(response_logprobs, model))
+
+
+def logprobs_of(
+    model: Transformer, params, prompt, prompt_mask, response, response_len, *, mesh, batch_size
+) -> np.ndarray:
+  """log pi(a_t|s_t) of every token of given responses, [N, R], with the training code's forward
+  pass, `batch_size` rows at a time (the last batch wrapped around to full size)."""
+  fn = _logprobs_fn(model)
+  n, out = prompt.shape[0], []
+  for start in tqdm(range(0, n, batch_size), desc="reference log-probs", leave=False):
+    idx = np.arange(start, start + batch_size) % n
+    batch = dict(
+        prompt=prompt[idx],
+        prompt_mask=prompt_mask[idx],
+        response=response[idx],
+        response_len=response_len[idx],
+    )
+    logp = distributed.fetch(fn(params, sharding.put_batch(batch, mesh)))
+    out.append(logp[: min(batch_size, n - start)])
+  return np.concatenate(out)

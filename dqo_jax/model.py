@@ -1,7 +1,8 @@
 """A Llama-style decoder in Flax: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
 
 One configurable network covers the embedded model and the Hugging Face families Llama 2/3.x,
-Qwen2/2.5 and Gemma 1/2 (`ModelConfig.from_hf`; the weight maps are in `dqo_jax.convert`).
+Qwen2/2.5 and Gemma 1/2 (`dqo_jax.hf_config.model_config_from_hf`; the weight maps are in
+`dqo_jax.convert`).
 One network serves as the policy (language-model head) and as the value model (scalar head).
 Every parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads", "head_dim",
 "mlp"), and activations are constrained at block boundaries by the same names plus "batch" and
@@ -101,13 +102,6 @@ class ModelConfig:
     return cls(
         vocab_size=vocab_size, **{k: _frozen(v) for k, v in cfg.items() if k not in RUN_KEYS}
     )
-
-  @classmethod
-  def from_hf(cls, config, dtype: str = "float32") -> "ModelConfig":
-    """Builds from a Hugging Face `config.json`: a dict, the file, or the directory holding it."""
-    from dqo_jax import hf_config  # pylint: disable=g-import-not-at-top
-
-    return hf_config.model_config_from_hf(config, dtype)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self) | {"layer_types": list(self.layer_types)}

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from dqo_jax.rewards import Grade
-from dqo_jax.stages.monitor import majority_correct
+from dqo_jax.stages.measure import majority_correct
 
 
 def _g(predicted, correct=False):

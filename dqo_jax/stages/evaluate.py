@@ -15,9 +15,9 @@ import os
 from dqo_jax import methods, rng
 from dqo_jax.errors import UserError
 from dqo_jax.metrics import ScalarWriter, write_json_atomic
+from dqo_jax.stages import artifacts
 from dqo_jax.stages.context import Context
-from dqo_jax.stages.monitor import greedy_accuracy, sampled_accuracy, sampled_objective
-from dqo_jax.stages.train import trained_policy_params
+from dqo_jax.stages.measure import greedy_accuracy, sampled_accuracy, sampled_objective
 
 RESULT_FILE = "result.json"
 
@@ -97,7 +97,7 @@ def run(ctx: Context) -> dict:
   sft_params = functools.cache(ctx.sft_params)
   results = {
       "sft": _evaluate(ctx, "sft", sft_params, sft_params),
-      name: _evaluate(ctx, name, lambda: trained_policy_params(ctx), sft_params),
+      name: _evaluate(ctx, name, lambda: artifacts.trained_policy_params(ctx), sft_params),
   }
   results = {r: dict(result, skipped_updates=skipped[r]) for r, result in results.items()}
   results_file = os.path.join(ctx.workdir, "results.json")

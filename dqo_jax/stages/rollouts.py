@@ -10,22 +10,15 @@ out once. Written once per workdir, beside the offline dataset, and reused by ev
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from dqo_jax import rewards, rng
 from dqo_jax.data.batches import left_pad
-from dqo_jax.data.offline import FIELDS as SAMPLE_FIELDS
-from dqo_jax.data.offline import read_records, write_records
 from dqo_jax.data.views import is_success
 from dqo_jax.generation import generate_all
 from dqo_jax.sampler import FINISH_EOS
+from dqo_jax.stages import artifacts
 from dqo_jax.stages.context import Context
-from dqo_jax.stages.sample import SAMPLES_FILE
-
-POTENTIALS_FILE = "potentials.array_record"
-FIELDS = ("boundaries", "potentials")
 
 
 def step_boundaries(response: list[int], is_delimiter) -> list[int]:
@@ -46,15 +39,10 @@ def delimiter_test(tok, delimiter: str):
   return is_delimiter
 
 
-def read_potentials(ctx: Context) -> list[dict]:
-  path = os.path.join(ctx.workdir, "rollouts", POTENTIALS_FILE)
-  return read_records(path, stage="rollouts", fields=FIELDS)
-
-
 def run(ctx: Context) -> dict:
   cfg, tok = ctx.config, ctx.tokenizer
   ps, data = cfg.dqo.process, cfg.data
-  records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE), fields=SAMPLE_FIELDS)
+  records = artifacts.read_samples(ctx)
   is_delimiter = delimiter_test(tok, ps.delimiter)
   boundaries = [step_boundaries(r["response"], is_delimiter) for r in records]
 
@@ -104,7 +92,7 @@ def run(ctx: Context) -> dict:
     ends = [0] + [b + 1 for b in bs]
     potentials = [float(p[prefix_id[(r["prompt_index"], tuple(r["response"][:e]))]]) for e in ends]
     out.append(dict(boundaries=bs, potentials=potentials))
-  write_records(os.path.join(ctx.stage_dir("rollouts"), POTENTIALS_FILE), out, FIELDS)
+  artifacts.write_potentials(ctx, out)
 
   # A check that the estimates carry signal: the last step of a correct sample should predict
   # success more often than the last step of an incorrect one.

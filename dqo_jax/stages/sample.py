@@ -11,46 +11,13 @@ with the training forward pass, so DQO never runs the reference model.
 
 from __future__ import annotations
 
-import functools
-import os
-
-import jax
 import numpy as np
 
-from dqo_jax import distributed, rng, sharding
-from dqo_jax.data.offline import write_records
-from dqo_jax.generation import generate_all, grade_samples
-from dqo_jax.progress import tqdm
+from dqo_jax import rng
+from dqo_jax.generation import generate_all, grade_samples, logprobs_of
 from dqo_jax.sampler import FINISH_EOS
+from dqo_jax.stages import artifacts
 from dqo_jax.stages.context import Context
-from dqo_jax.train.forward import response_logprobs
-
-SAMPLES_FILE = "samples.array_record"
-
-
-@functools.cache
-def _logprobs_fn(model):
-  # One compilation per model and batch shape, however often the monitor calls it.
-  return jax.jit(functools.partial(response_logprobs, model))
-
-
-def reference_logprobs(
-    ctx: Context, params, prompt, prompt_mask, response, response_len, batch_size: int
-):
-  """log pi_ref of every response token, [N, R], with the training code's forward pass."""
-  fn = _logprobs_fn(ctx.policy_model)
-  n, out = prompt.shape[0], []
-  for start in tqdm(range(0, n, batch_size), desc="reference log-probs", leave=False):
-    idx = np.arange(start, start + batch_size) % n
-    batch = dict(
-        prompt=prompt[idx],
-        prompt_mask=prompt_mask[idx],
-        response=response[idx],
-        response_len=response_len[idx],
-    )
-    logp = distributed.fetch(fn(params, sharding.put_batch(batch, ctx.mesh)))
-    out.append(logp[: min(batch_size, n - start)])
-  return np.concatenate(out)
 
 
 def run(ctx: Context) -> dict:
@@ -80,8 +47,15 @@ def run(ctx: Context) -> dict:
   texts, grades, reward = grade_samples(
       cfg.data.task, tok, samples, [e["solution"] for e in examples], cfg.rewards
   )
-  ref = reference_logprobs(
-      ctx, params, prompt, prompt_mask, samples.tokens, samples.lengths, s.batch_size
+  ref = logprobs_of(
+      ctx.policy_model,
+      params,
+      prompt,
+      prompt_mask,
+      samples.tokens,
+      samples.lengths,
+      mesh=ctx.mesh,
+      batch_size=s.batch_size,
   )
   records = []
   for i, ex in enumerate(examples):
@@ -101,7 +75,7 @@ def run(ctx: Context) -> dict:
             text=texts[i],
         )
     )
-  write_records(os.path.join(ctx.stage_dir("sample"), SAMPLES_FILE), records)
+  artifacts.write_samples(ctx, records)
 
   correct = np.array([g.correct for g in grades]).reshape(n_prompts, k)
   lengths = samples.lengths

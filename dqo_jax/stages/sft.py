@@ -7,7 +7,7 @@ from __future__ import annotations
 from dqo_jax import rng
 from dqo_jax.data.batches import batch_fn
 from dqo_jax.stages.context import Context
-from dqo_jax.stages.monitor import accuracy_monitor
+from dqo_jax.stages.measure import accuracy_monitor
 from dqo_jax.train.loop import fit
 from dqo_jax.train.policy_step import make_sft_step
 

@@ -9,29 +9,14 @@ initialised from the SFT trunk with a fresh zero scalar head. Outputs go to DIR/
 
 from __future__ import annotations
 
-import os
-
-
 from dqo_jax import methods, rng
-from dqo_jax.checkpoint import restore_params
-from dqo_jax.data.offline import FIELDS, offline_arrays, read_records
+from dqo_jax.data.offline import offline_arrays
+from dqo_jax.generation import logprobs_of
+from dqo_jax.stages import artifacts
 from dqo_jax.stages.context import Context
-from dqo_jax.stages.monitor import accuracy_monitor
-from dqo_jax.stages.rollouts import read_potentials
-from dqo_jax.stages.sample import SAMPLES_FILE, reference_logprobs
-from dqo_jax.train.build import TrainStep, build_train_step, policy_of
+from dqo_jax.stages.measure import accuracy_monitor
+from dqo_jax.train.build import build_train_step, policy_of
 from dqo_jax.train.loop import fit
-
-
-def train_step(ctx: Context, view: methods.View | None = None) -> TrainStep:
-  return build_train_step(ctx.config, ctx.model_cfg, ctx.mesh, view)
-
-
-def trained_policy_params(ctx: Context):
-  """The trained policy of `config.method`, read from its run's newest checkpoint."""
-  # Shapes suffice to describe the state: no need to read the SFT checkpoint again.
-  abstract = train_step(ctx).abstract_state
-  return policy_of(restore_params(ctx.checkpoint_dir(methods.run_name(ctx.config)), abstract))
 
 
 def train_data(ctx: Context, sft_params) -> methods.TrainData:
@@ -39,7 +24,7 @@ def train_data(ctx: Context, sft_params) -> methods.TrainData:
   cfg = ctx.config
 
   def read_samples():
-    records = read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE), fields=FIELDS)
+    records = artifacts.read_samples(ctx)
     return records, offline_arrays(
         records, cfg.data, ctx.tokenizer.pad_id, ctx.model_cfg.vocab_size
     )
@@ -50,10 +35,10 @@ def train_data(ctx: Context, sft_params) -> methods.TrainData:
       # The sampled prompts' gold solutions, when training may read them: not when answers only.
       known=None if ctx.answers_only else ctx.train,
       read_samples=read_samples,
-      reference_logprobs=lambda *arrays: reference_logprobs(
-          ctx, sft_params, *arrays, cfg.sample.batch_size
+      reference_logprobs=lambda *arrays: logprobs_of(
+          ctx.policy_model, sft_params, *arrays, mesh=ctx.mesh, batch_size=cfg.sample.batch_size
       ),
-      read_potentials=lambda: read_potentials(ctx),
+      read_potentials=lambda: artifacts.read_potentials(ctx),
   )
 
 
@@ -62,7 +47,7 @@ def run(ctx: Context) -> dict:
   name = methods.run_name(cfg)
   sft_params = ctx.sft_params()
   view = methods.of(cfg).view(train_data(ctx, sft_params))
-  step = train_step(ctx, view)
+  step = build_train_step(cfg, ctx.model_cfg, ctx.mesh, view)
   _, summary = fit(
       stage_dir=ctx.stage_dir(name),
       init_fn=step.init_fn,

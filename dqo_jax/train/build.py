@@ -56,7 +56,11 @@ class TrainStep:
   policy_model: Transformer
   mesh: object
   init_fn: Callable
-  step_fn: Callable
+  make_step: Callable[[], Callable]  # built on first use: restoring a state needs no objective
+
+  @functools.cached_property
+  def step_fn(self) -> Callable:
+    return self.make_step()
 
   @functools.cached_property
   def _abstract(self):
@@ -82,19 +86,20 @@ class TrainStep:
 
 def build_train_step(config, model_cfg: ModelConfig, mesh, view: methods.View | None = None):
   """The `train` stage's step of `config.method`; `view` is the method's data where its
-  objective depends on it (KTO's class weights), None where the config suffices."""
+  objective depends on it (KTO's class weights), None where the config suffices or where only
+  the state is wanted (`step_fn` is built on first use)."""
   method = methods.of(config)
   t = config.train
   policy_model, value_model = models(config, model_cfg)
   policy_tx = make_optimizer(t.policy_optimizer, t.steps - method.value_warmup(config))
-  objective = method.objective(config, view)
+  objective = lambda: method.objective(config, view)
   accum = t.grad_accum_steps
   if not method.trains_value:
 
     def policy_only(rng, sft_params):
       return TrainState.create(sharding.rebox(boxed_init(policy_model, rng), sft_params), policy_tx)
 
-    step = policy_step.make_policy_step(policy_model, policy_tx, objective, accum)
+    step = lambda: policy_step.make_policy_step(policy_model, policy_tx, objective(), accum)
     return TrainStep(config, policy_model, mesh, policy_only, step)
   value_tx = make_optimizer(t.value_optimizer, t.steps)
 
@@ -106,8 +111,14 @@ def build_train_step(config, model_cfg: ModelConfig, mesh, view: methods.View | 
         policy=TrainState.create(policy, policy_tx), value=TrainState.create(value, value_tx)
     )
 
-  step = make_policy_value_step(
-      policy_model, value_model, policy_tx, value_tx, objective, method.value_warmup(config), accum
+  step = lambda: make_policy_value_step(
+      policy_model,
+      value_model,
+      policy_tx,
+      value_tx,
+      objective(),
+      method.value_warmup(config),
+      accum,
   )
   return TrainStep(config, policy_model, mesh, policy_and_value, step)
 

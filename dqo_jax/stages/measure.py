@@ -10,9 +10,8 @@ import jax
 import numpy as np
 
 from dqo_jax import rng
-from dqo_jax.generation import accuracy_by_steps, generate_all, grade_samples
+from dqo_jax.generation import accuracy_by_steps, generate_all, grade_samples, logprobs_of
 from dqo_jax.stages.context import Context
-from dqo_jax.stages.sample import reference_logprobs
 
 
 def _first(ctx: Context, split: str, num_examples: int):
@@ -114,8 +113,15 @@ def sampled_objective(
   refs = [ex["solution"] for ex in enc.examples[:n]]
   _, _, reward = grade_samples(cfg.data.task, ctx.tokenizer, samples, refs, cfg.rewards)
   logp = [
-      reference_logprobs(
-          ctx, p, prompt, prompt_mask, samples.tokens, samples.lengths, cfg.eval.batch_size
+      logprobs_of(
+          ctx.policy_model,
+          p,
+          prompt,
+          prompt_mask,
+          samples.tokens,
+          samples.lengths,
+          mesh=ctx.mesh,
+          batch_size=cfg.eval.batch_size,
       )
       for p in (params, ref_params)
   ]
