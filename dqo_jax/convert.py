@@ -31,43 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from dqo_jax import hf_config, safetensors_io, sharding
+from dqo_jax import families, hf_config, safetensors_io, sharding
 from dqo_jax.model import ModelConfig, Transformer
 
-# (Hugging Face name, our path, rule). Entries whose parameter the model does not have (biases,
-# lm_head when tied) are skipped.
-_LLAMA = (
-    ("model.embed_tokens.weight", "embed", "copy"),
-    ("model.norm.weight", "final_norm/scale", "copy"),
-    ("lm_head.weight", "lm_head", "transpose"),
-    ("model.layers.{i}.input_layernorm.weight", "layer_{i}/attn_norm/scale", "copy"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layer_{i}/attn/q/kernel", "heads_out"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layer_{i}/attn/k/kernel", "heads_out"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layer_{i}/attn/v/kernel", "heads_out"),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layer_{i}/attn/q/bias", "heads_bias"),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layer_{i}/attn/k/bias", "heads_bias"),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layer_{i}/attn/v/bias", "heads_bias"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layer_{i}/attn/o/kernel", "heads_in"),
-    ("model.layers.{i}.self_attn.o_proj.bias", "layer_{i}/attn/o/bias", "copy"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layer_{i}/mlp/gate/kernel", "transpose"),
-    ("model.layers.{i}.mlp.up_proj.weight", "layer_{i}/mlp/up/kernel", "transpose"),
-    ("model.layers.{i}.mlp.down_proj.weight", "layer_{i}/mlp/down/kernel", "transpose"),
-)
-_PRE_MLP_NORM = (
-    ("model.layers.{i}.post_attention_layernorm.weight", "layer_{i}/mlp_norm/scale", "copy"),
-)
-# Gemma 2 names its four norms differently: "post_attention" is the attention output's norm.
-_GEMMA2_NORMS = (
-    ("model.layers.{i}.post_attention_layernorm.weight", "layer_{i}/post_attn_norm/scale", "copy"),
-    ("model.layers.{i}.pre_feedforward_layernorm.weight", "layer_{i}/mlp_norm/scale", "copy"),
-    ("model.layers.{i}.post_feedforward_layernorm.weight", "layer_{i}/post_mlp_norm/scale", "copy"),
-)
-WEIGHT_MAPS = {
-    "llama": _LLAMA + _PRE_MLP_NORM,
-    "qwen2": _LLAMA + _PRE_MLP_NORM,
-    "gemma": _LLAMA + _PRE_MLP_NORM,
-    "gemma2": _LLAMA + _GEMMA2_NORMS,
-}
 # Tensors some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -101,7 +67,7 @@ HF_FILES = (
 def weight_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], str]]:
   """{Hugging Face name: (our parameter path, rule)} for every parameter of `cfg`'s LM model."""
   out = {}
-  for hf, ours, rule in WEIGHT_MAPS[cfg.family]:
+  for hf, ours, rule in families.get(cfg.family).weights:
     for i in range(cfg.n_layers) if "{i}" in hf else [None]:
       out[hf.format(i=i)] = (tuple(ours.format(i=i).split("/")), rule)
   return out

@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` <-> `ModelConfig`, for the Llama, Qwen2 and Gemma families.
+"""Hugging Face `config.json` <-> `ModelConfig`: the keys every family shares; each family's own
+are in `dqo_jax/families/`.
 
 Reads both the older keys (`rope_theta`, `rope_scaling`, no `layer_types`) and the newer ones
 (`rope_parameters`, `layer_types`); writes the older ones, which every reader understands.
@@ -6,20 +7,14 @@ Reads both the older keys (`rope_theta`, `rope_scaling`, no `layer_types`) and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
+from dqo_jax import families
 from dqo_jax.model import ModelConfig
 
-FAMILIES = ("llama", "qwen2", "gemma", "gemma2")
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-}
-_TIED_BY_DEFAULT = {"llama": False, "qwen2": False, "gemma": True, "gemma2": True}
 _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -109,22 +104,17 @@ def read_hf_config(config) -> dict[str, Any]:
 
 def model_config_from_hf(config, dtype: str = "float32") -> ModelConfig:
   d = read_hf_config(config)
-  family = d.get("model_type")
-  if family not in FAMILIES:
-    raise ValueError(
-        f"config.json model_type={family!r} is not supported; supported: {', '.join(FAMILIES)}"
-    )
+  family = families.get(d.get("model_type"))
   if d.get("mlp_bias"):
     raise ValueError("config.json mlp_bias=true is not supported")
   d_model, n_heads = d["hidden_size"], d["num_attention_heads"]
-  gemma = family.startswith("gemma")
+  gemma = family.name.startswith("gemma")
   act = (gemma and d.get("hidden_activation")) or d.get("hidden_act", "silu")
   if gemma and act == "gelu" and not d.get("hidden_activation"):
     # Gemma 1's first configs said "gelu" for what the reference computes in the tanh form.
     act = "gelu_pytorch_tanh"
   if act not in _ACTIVATIONS:
     raise ValueError(f"config.json hidden_act={act!r} is not supported")
-  attention_bias = bool(d.get("attention_bias", False))
   fields: dict[str, Any] = dict(
       vocab_size=d["vocab_size"],
       d_model=d_model,
@@ -134,24 +124,14 @@ def model_config_from_hf(config, dtype: str = "float32") -> ModelConfig:
       head_dim=d.get("head_dim") or d_model // n_heads,
       d_ff=d["intermediate_size"],
       norm_eps=d.get("rms_norm_eps", 1e-6),
-      tie_embeddings=d.get("tie_word_embeddings", _TIED_BY_DEFAULT[family]),
+      tie_embeddings=d.get("tie_word_embeddings", family.tied_by_default),
       dtype=dtype,
-      family=family,
+      family=family.name,
       activation=_ACTIVATIONS[act],
-      qkv_bias=family == "qwen2" or attention_bias,
-      o_bias=attention_bias,
-      norm_plus_one=gemma,
-      post_norms=family == "gemma2",
-      embed_scale=gemma,
   )
   fields.update(_rope_fields(d))
-  if family == "gemma2":
-    fields.update(
-        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or fields["head_dim"]),
-        attn_softcap=float(d.get("attn_logit_softcapping") or 0.0),
-        final_softcap=float(d.get("final_logit_softcapping") or 0.0),
-    )
-  fields.update(_window_fields(d, family, fields["n_layers"]))
+  fields.update(family.from_hf(d, fields))
+  fields.update(_window_fields(d, family.layer_types(d, fields["n_layers"])))
   return ModelConfig(**fields)
 
 
@@ -177,41 +157,34 @@ def _rope_fields(d: dict) -> dict[str, Any]:
   )
 
 
-def _window_fields(d: dict, family: str, n_layers: int) -> dict[str, Any]:
-  types = d.get("layer_types")
-  window = d.get("sliding_window") or 0
-  if types is None:
-    if family == "gemma2":  # before `layer_types`: even layers slide, odd layers are global
-      types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-    elif family == "qwen2" and d.get("use_sliding_window"):
-      start = d.get("max_window_layers", n_layers)
-      types = ["sliding_attention" if i >= start else "full_attention" for i in range(n_layers)]
-    else:
-      types = []
-  if family == "qwen2" and not d.get("use_sliding_window"):
-    types = []
+def _window_fields(d: dict, types: list[str]) -> dict[str, Any]:
   unknown = set(types) - {"sliding_attention", "full_attention"}
   if unknown:
     raise ValueError(f"config.json layer_types {sorted(unknown)} are not supported")
   if "sliding_attention" not in types:
     return {}
   return dict(
-      sliding_window=int(window),
+      sliding_window=int(d.get("sliding_window") or 0),
       layer_types=tuple("sliding" if t == "sliding_attention" else "global" for t in types),
   )
 
 
 def hf_config_from_model_config(cfg: ModelConfig, base: dict | None = None) -> dict[str, Any]:
   """A `config.json` for `cfg`: `base` (the imported model's config, for its token ids and other
-  keys we do not model) with every architecture key set from `cfg`."""
-  if cfg.family not in FAMILIES:
-    raise ValueError(f"model.family={cfg.family!r}: export supports {', '.join(FAMILIES)}")
+  keys we do not model) with every architecture key set from `cfg`. ValueError when the family
+  cannot express `cfg` (the file would read back as another model)."""
+  try:
+    family = families.get(cfg.family)
+  except ValueError:
+    raise ValueError(
+        f"model.family={cfg.family!r}: export supports {', '.join(families.registry())}"
+    ) from None
   out = dict(base or {})
   for stale in ("rope_parameters", "rope_scaling", "layer_types", "torch_dtype", "dtype"):
     out.pop(stale, None)
   out.update(
-      architectures=[ARCHITECTURES[cfg.family]],
-      model_type=cfg.family,
+      architectures=[family.architecture],
+      model_type=family.name,
       vocab_size=cfg.vocab_size,
       hidden_size=cfg.d_model,
       num_hidden_layers=cfg.n_layers,
@@ -225,43 +198,11 @@ def hf_config_from_model_config(cfg: ModelConfig, base: dict | None = None) -> d
       hidden_act=_HF_ACTIVATIONS[cfg.activation],
   )
   out.setdefault("max_position_embeddings", 8192)
-  if cfg.family == "llama":
-    out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
-    if cfg.qkv_bias != cfg.o_bias:
-      raise ValueError("a Llama export needs qkv_bias == o_bias (attention_bias)")
-  elif cfg.family == "qwen2":
-    if not cfg.qkv_bias or cfg.o_bias:
-      raise ValueError("a Qwen2 export needs qkv_bias=True and o_bias=False")
-  else:
-    out.update(hidden_activation=_HF_ACTIVATIONS[cfg.activation])
-    if not (cfg.norm_plus_one and cfg.embed_scale):
-      raise ValueError("a Gemma export needs norm_plus_one=True and embed_scale=True")
-    if cfg.qkv_bias or cfg.o_bias:
-      raise ValueError("a Gemma export cannot have attention biases")
-  if cfg.family == "gemma2":
-    out.update(
-        query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
-        attn_logit_softcapping=cfg.attn_softcap or None,
-        final_logit_softcapping=cfg.final_softcap or None,
-        sliding_window=cfg.sliding_window or None,
-    )
-  elif cfg.post_norms or cfg.attn_softcap or cfg.final_softcap or cfg.query_pre_attn_scalar:
-    raise ValueError("post-norms, soft-capping and query_pre_attn_scalar need family gemma2")
   if cfg.layer_types:
     out["layer_types"] = [
         "sliding_attention" if t == "sliding" else "full_attention" for t in cfg.layer_types
     ]
     out["sliding_window"] = cfg.sliding_window
-    if cfg.family == "qwen2":
-      out["use_sliding_window"] = True
-      first = cfg.layer_types.index("sliding")
-      if cfg.layer_types != ("global",) * first + ("sliding",) * (cfg.n_layers - first):
-        raise ValueError("a Qwen2 export needs its sliding layers after its global ones")
-      out["max_window_layers"] = first
-    elif cfg.family in ("llama", "gemma"):
-      raise ValueError(f"family {cfg.family} has no sliding-window layers")
-  elif cfg.family == "qwen2":
-    out["use_sliding_window"] = False
   if cfg.rope_type == "linear":
     out["rope_scaling"] = dict(rope_type="linear", factor=cfg.rope_factor)
   elif cfg.rope_type == "llama3":
@@ -272,8 +213,19 @@ def hf_config_from_model_config(cfg: ModelConfig, base: dict | None = None) -> d
         high_freq_factor=cfg.rope_high_freq_factor,
         original_max_position_embeddings=cfg.rope_original_max_position,
     )
+  family.to_hf(cfg, out)
+  back = model_config_from_hf(out, cfg.dtype)
+  for f in dataclasses.fields(ModelConfig):
+    if f.name != "attention" and _effective(back, f.name) != _effective(cfg, f.name):
+      raise ValueError(
+          f"a {family.name} config.json cannot express model.{f.name}={getattr(cfg, f.name)!r} "
+          f"(it would read back as {getattr(back, f.name)!r})"
+      )
   return out
 
 
-def _int_if_whole(x: float):
-  return int(x) if float(x).is_integer() else x
+def _effective(cfg: ModelConfig, name: str):
+  """A field's value as the model uses it (query_pre_attn_scalar 0 means head_dim)."""
+  if name == "query_pre_attn_scalar":
+    return float(cfg.query_pre_attn_scalar or cfg.head_dim)
+  return getattr(cfg, name)

@@ -5,6 +5,7 @@ and imported; nothing is downloaded.
 """
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -15,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from dqo_jax import convert, safetensors_io  # noqa: E402
-from dqo_jax.model import Transformer, value_params_from_policy  # noqa: E402
+from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy  # noqa: E402
 from dqo_jax.sampler import generate  # noqa: E402
 from dqo_jax.train import build  # noqa: E402
 
@@ -192,6 +193,25 @@ def test_config_round_trips_through_config_json(family):
 
   exported = hf_config_from_model_config(cfg, hf.config.to_dict())
   assert model_config_from_hf(exported) == cfg
+
+
+@pytest.mark.parametrize(
+    "family, change, message",
+    [
+        ("llama", dict(qkv_bias=True), "cannot express model.o_bias=False"),
+        ("llama", dict(sliding_window=4, layer_types=("global", "sliding")), "no sliding-window"),
+        ("qwen2", dict(attn_softcap=30.0), "cannot express model.attn_softcap=30.0"),
+        ("gemma", dict(norm_plus_one=False), "cannot express model.norm_plus_one=False"),
+        ("mistral", {}, "export supports gemma, gemma2, llama, qwen2"),
+    ],
+)
+def test_an_export_its_family_cannot_express_is_refused(family, change, message):
+  from dqo_jax.hf_config import hf_config_from_model_config
+
+  base = dict(qwen2=dict(qkv_bias=True), gemma=dict(norm_plus_one=True, embed_scale=True))
+  cfg = ModelConfig(vocab_size=16, n_layers=2, family=family, **base.get(family, {}) | change)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    hf_config_from_model_config(cfg)
 
 
 def test_bfloat16_tensors_are_read_and_written_like_torch(tmp_path):

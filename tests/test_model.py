@@ -25,16 +25,6 @@ def _params(model, seed=0):
   return nn.meta.unbox(model.init(jax.random.key(seed), tokens, jnp.ones_like(tokens))["params"])
 
 
-def test_every_parameter_has_logical_axis_names():
-  boxed = Transformer(CFG).init(
-      jax.random.key(0), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
-  )["params"]
-  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
-  for box in leaves:
-    assert len(box.names) == box.value.ndim and all(isinstance(n, str) for n in box.names)
-
-
 def test_left_padding_does_not_change_outputs():
   model = Transformer(CFG)
   params = _params(model)
