@@ -303,7 +303,7 @@ def test_config_model_path_gives_the_stages_the_pretrained_policy(llama_dir, tmp
   ctx = Context(config, str(tmp_path), None, None, None, mesh)
   cfg, boxed = convert.import_hf(llama_dir)
   assert ctx.model_cfg == cfg
-  init_fn, _ = ctx.sft_init_fn()
+  init_fn = ctx.sft_step().init_fn
   state = init_fn(jax.random.key(0))
   np.testing.assert_array_equal(
       nn.meta.unbox(state.params)["layer_1"]["mlp"]["up"]["kernel"],

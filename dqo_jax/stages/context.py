@@ -14,8 +14,6 @@ from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, Transformer
 from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train import build
-from dqo_jax.train.loop import abstract_state
-from dqo_jax.train.state import TrainState, make_optimizer
 from dqo_jax.workdir import Workdir
 
 STAGES = ("sft", "sample", "rollouts", "train", "eval")
@@ -111,13 +109,13 @@ class Context:
     path, dtype = self.config.model.path, self.config.model.dtype
     return convert.load_pretrained_params(path, self.mesh, self.rules, compute_dtype=dtype)[1]
 
-  def sft_init_fn(self):
-    tx = make_optimizer(self.config.sft.optimizer, self.config.sft.steps)
-    return lambda rng: TrainState.create(self.init_params(self.policy_model, rng), tx), tx
+  def sft_step(self) -> build.TrainStep:
+    """The SFT stage's step, from the pretrained weights when `config.model.path` is set."""
+    initial = lambda rng: self.init_params(self.policy_model, rng)
+    return build.build_sft_step(self.config, self.model_cfg, self.mesh, initial)
 
   def sft_abstract_state(self):
-    init_fn, _ = self.sft_init_fn()
-    return abstract_state(init_fn, self.mesh, self.rules)[0]
+    return self.sft_step().abstract_state
 
   def sft_params(self):
     """The SFT policy: the reference policy and DQO's starting point."""

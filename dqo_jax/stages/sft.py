@@ -9,14 +9,13 @@ from dqo_jax.data.batches import batch_fn
 from dqo_jax.stages.context import Context
 from dqo_jax.stages.measure import accuracy_monitor
 from dqo_jax.train.loop import fit
-from dqo_jax.train.policy_step import make_sft_step
 
 BATCH_KEYS = ("prompt", "prompt_mask", "response", "response_len")
 
 
 def run(ctx: Context) -> dict:
   cfg = ctx.config
-  init_fn, tx = ctx.sft_init_fn()
+  step = ctx.sft_step()
   arrays = {k: ctx.gold.arrays[k] for k in BATCH_KEYS}
   n, buckets = len(ctx.gold), int(cfg.sft.get("length_buckets", 1))
   batch_at = batch_fn(
@@ -24,8 +23,8 @@ def run(ctx: Context) -> dict:
   )
   _, summary = fit(
       stage_dir=ctx.stage_dir("sft"),
-      init_fn=init_fn,
-      step_fn=make_sft_step(ctx.policy_model, tx, cfg.sft.grad_accum_steps),
+      init_fn=step.init_fn,
+      step_fn=step.step_fn,
       batch_at=batch_at,
       num_steps=cfg.sft.steps,
       mesh=ctx.mesh,

@@ -57,6 +57,7 @@ class TrainStep:
   mesh: object
   init_fn: Callable
   make_step: Callable[[], Callable]  # built on first use: restoring a state needs no objective
+  takes_sft_params: bool = True  # init_fn(rng, sft_params), or init_fn(rng) for SFT itself
 
   @functools.cached_property
   def step_fn(self) -> Callable:
@@ -64,12 +65,11 @@ class TrainStep:
 
   @functools.cached_property
   def _abstract(self):
-    sft_shapes = jax.eval_shape(
-        lambda: meta.unbox(boxed_init(self.policy_model, jax.random.key(0)))
-    )
-    return abstract_state(
-        self.init_fn, self.mesh, sharding.logical_rules(self.config.mesh), (sft_shapes,)
-    )
+    args = ()
+    if self.takes_sft_params:
+      key = jax.random.key(0)
+      args = (jax.eval_shape(lambda: meta.unbox(boxed_init(self.policy_model, key))),)
+    return abstract_state(self.init_fn, self.mesh, sharding.logical_rules(self.config.mesh), args)
 
   @property
   def abstract_state(self):
@@ -121,6 +121,17 @@ def build_train_step(config, model_cfg: ModelConfig, mesh, view: methods.View | 
       accum,
   )
   return TrainStep(config, policy_model, mesh, policy_and_value, step)
+
+
+def build_sft_step(config, model_cfg: ModelConfig, mesh, initial_params=None) -> TrainStep:
+  """The `sft` stage's step: the negative log-likelihood of the gold solutions, from
+  `initial_params(rng)` (boxed: a pretrained model's weights) or fresh parameters."""
+  policy_model, _ = models(config, model_cfg)
+  tx = make_optimizer(config.sft.optimizer, config.sft.steps)
+  initial = initial_params or (lambda rng: boxed_init(policy_model, rng))
+  init = lambda rng: TrainState.create(initial(rng), tx)
+  step = lambda: policy_step.make_sft_step(policy_model, tx, config.sft.grad_accum_steps)
+  return TrainStep(config, policy_model, mesh, init, step, takes_sft_params=False)
 
 
 def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
