@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from dqo_jax import convert, hf_config, methods, sharding
+from dqo_jax import convert, hf_config, sharding
 from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig
 
@@ -154,31 +154,32 @@ def _shard_bytes(tree) -> int:
   )
 
 
-def compile_step(config, topology: str) -> dict:
-  """Compiles the train step of `config` (method dqo or dro) for a TPU slice; the report."""
-  from dqo_jax.train.build import build_train_step  # pylint: disable=g-import-not-at-top
+def compile_step(config, topology: str, stage: str = "train") -> dict:
+  """Compiles the step of `stage` ("sft", or "train": the step of `config.method`) for a TPU
+  slice; the report."""
+  from dqo_jax.train import build  # pylint: disable=g-import-not-at-top
   from dqo_jax.train.loop import jit_step  # pylint: disable=g-import-not-at-top
 
-  value_methods = [name for name, m in methods.registry().items() if m.trains_value]
-  if config.method not in value_methods:
-    raise UserError(
-        f"--compile_only compiles the policy+value step: set --config.method to one of "
-        f"{', '.join(value_methods)} (it is {config.method!r})"
-    )
   kind, chip, devices = topology_devices(topology)
   try:
     mesh = sharding.make_mesh(config.mesh, devices)
   except ValueError as e:
     raise UserError(f"{e} (--topology={topology} has {len(devices)} chips)") from None
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.train.batch_size % data_ways:
+  batch_size = int(config[stage].batch_size)
+  if batch_size % data_ways:
     raise UserError(
-        f"config.train.batch_size={config.train.batch_size} does not split over "
+        f"config.{stage}.batch_size={batch_size} does not split over "
         f"data x fsdp = {data_ways} chips; change the batch size or config.mesh"
     )
   model_cfg = model_config(config)
-  built = build_train_step(config, model_cfg, mesh)
-  state, batch = built.abstract_state, built.abstract_batch
+  if stage == "sft":
+    built = build.build_sft_step(config, model_cfg, mesh)
+    batch = build.abstract_sft_batch(config, sharding.batch_sharding(mesh))
+  else:
+    built = build.build_train_step(config, model_cfg, mesh)
+    batch = built.abstract_batch
+  state = built.abstract_state
   t0 = time.time()
   step = jit_step(built.step_fn, built.state_shardings, mesh, sharding.logical_rules(config.mesh))
   try:
@@ -188,8 +189,9 @@ def compile_step(config, topology: str) -> dict:
       raise
     first = next(l for l in str(e).splitlines() if l.strip())
     raise UserError(
-        f"the step does not fit on {topology} (mesh {dict(mesh.shape)}): {first.strip()}; try "
-        "--config.model.remat=full, more fsdp/tensor ways, a smaller batch or a larger slice"
+        f"the {stage} step does not fit on {topology} (mesh {dict(mesh.shape)}): "
+        f"{first.strip()}; try --config.model.remat=full, more fsdp/tensor ways, a smaller batch "
+        "or a larger slice"
     ) from None
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
@@ -203,9 +205,11 @@ def compile_step(config, topology: str) -> dict:
       + mem.temp_size_in_bytes
       + mem.generated_code_size_in_bytes
   )
-  tokens = int(config.train.batch_size) * (
-      config.data.max_prompt_len + config.data.max_response_len
-  )
+  seq_len = config.data.max_prompt_len + config.data.max_response_len
+  rows = jax.tree.leaves(batch)[0].shape[0]  # pairwise methods put two rows per example
+  tokens = rows * seq_len
+  # The policy's state, and the value model's where the method trains one.
+  states = [state.policy, state.value] if hasattr(state, "value") else [state]
   flops = float(cost["flops"])
   step_s = flops / (chip.peak_tflops * 1e12)
   return dict(
@@ -215,8 +219,9 @@ def compile_step(config, topology: str) -> dict:
       device_kind=devices[0].device_kind,
       mesh=dict(mesh.shape),
       model=config.model.get("name") or f"{model_cfg.n_layers}-layer d{model_cfg.d_model}",
-      params=sum(math.prod(x.shape) for x in jax.tree.leaves(state.policy.params)),
-      method=config.method,
+      params=sum(math.prod(x.shape) for x in jax.tree.leaves(states[0].params)),
+      method="sft" if stage == "sft" else config.method,
+      stage=stage,
       remat=config.model.get("remat", "none"),
       attention=model_cfg.attention,
       # Pallas kernels compile to TPU custom calls: their count shows the kernel was used.
@@ -225,12 +230,12 @@ def compile_step(config, topology: str) -> dict:
       state_dtypes=sorted(
           {str(x.dtype) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating)}
       ),
-      batch=int(config.train.batch_size),
-      seq_len=config.data.max_prompt_len + config.data.max_response_len,
+      batch=rows,
+      seq_len=seq_len,
       compile_s=seconds,
-      policy_params=_shard_bytes(state.policy.params),
-      value_params=_shard_bytes(state.value.params),
-      optimizer_state=_shard_bytes((state.policy.opt_state, state.value.opt_state)),
+      policy_params=_shard_bytes(states[0].params),
+      value_params=_shard_bytes([s.params for s in states[1:]]),
+      optimizer_state=_shard_bytes([s.opt_state for s in states]),
       batch_bytes=_shard_bytes(batch),
       arguments=mem.argument_size_in_bytes,
       outputs=mem.output_size_in_bytes,
@@ -258,7 +263,7 @@ def format_report(r: dict) -> str:
       "memory per chip (compiled.memory_analysis):",
       f"  policy parameters    {gib(r['policy_params'])}",
       f"  value parameters     {gib(r['value_params'])}",
-      f"  optimizer state      {gib(r['optimizer_state'])}   (policy + value AdamW moments)",
+      f"  optimizer state      {gib(r['optimizer_state'])}   (AdamW moments)",
       "  reference parameters     0.00 GiB   (not resident: the batch carries the reference "
       "log-probs the sample stage computed)",
       f"  batch                {gib(r['batch_bytes'])}",
@@ -278,7 +283,22 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
-def run(config, topology: str) -> dict:
-  report = compile_step(config, topology)
-  print(format_report(report))
-  return report
+def run(config, topology: str) -> dict[str, dict]:
+  """Compiles the step of every training stage the config runs (sft, train) and prints each
+  report; UserError naming the first stage that does not fit, after the others' reports."""
+  stages = [s for s in ("sft", "train") if s in config.stages.split(",")] or ["train"]
+  reports, failures = {}, []
+  for stage in stages:
+    try:
+      reports[stage] = compile_step(config, topology, stage)
+    except UserError as e:
+      if "does not fit" not in str(e):
+        raise
+      failures.append(str(e))
+      continue
+    print(format_report(reports[stage]))
+  if failures:
+    raise UserError(failures[0])
+  peaks = ", ".join(f"{s} {100 * r['peak'] / r['hbm']:.0f}%" for s, r in reports.items())
+  print(f"every step fits on {topology}: peak per chip as a share of HBM: {peaks}")
+  return reports

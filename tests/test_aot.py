@@ -83,6 +83,21 @@ def test_compile_only_reports_memory_and_flops_of_the_dqo_step():
   assert tpu_env() == env
 
 
+def test_compile_only_compiles_the_sft_step_and_every_methods_step(capsys):
+  config = _arith_tiny()
+  config.mesh.update(data=2, fsdp=-1, tensor=1)
+  reports = aot.run(config, "v4-8")  # stages sft,...,train: the SFT and the DQO step
+  assert set(reports) == {"sft", "train"} and reports["sft"]["value_params"] == 0
+  assert reports["sft"]["batch"] == config.sft.batch_size
+  assert capsys.readouterr().out.strip().splitlines()[-1].startswith("every step fits on v4-8")
+  for method in ("rft", "dpo", "kto", "rloo"):
+    config.method = method
+    r = aot.compile_step(config, "v4-8")
+    assert r["method"] == method and r["value_params"] == 0 and r["peak"] > 0
+    rows = 2 if method in ("dpo", "kto") else 1
+    assert r["batch"] == rows * config.train.batch_size
+
+
 def test_pallas_flash_attention_compiles_into_the_step_for_tpu():
   config = _arith_tiny()  # 127 tokens fed: padded to the kernel's 128-token blocks
   config.model.update(attention="pallas_tpu")

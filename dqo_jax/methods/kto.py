@@ -55,7 +55,9 @@ def defaults(beta: float) -> dict:
 
 
 def _objective(config, view: View | None):
-  return objective(float(config.kto.beta), view.describe["lambda_d"], view.describe["lambda_u"])
+  # Without data (compiling for a slice) the class weights' values do not matter: 1 each.
+  weights = view.describe if view else dict(lambda_d=1.0, lambda_u=1.0)
+  return objective(float(config.kto.beta), weights["lambda_d"], weights["lambda_u"])
 
 
 METHOD = Method(

@@ -134,6 +134,18 @@ def build_sft_step(config, model_cfg: ModelConfig, mesh, initial_params=None) ->
   return TrainStep(config, policy_model, mesh, init, step, takes_sft_params=False)
 
 
+def abstract_sft_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a full-width SFT batch: `sft.batch_size` gold solutions."""
+  d, b = config.data, int(config.sft.batch_size)
+  shapes = dict(
+      prompt=(b, d.max_prompt_len),
+      prompt_mask=(b, d.max_prompt_len),
+      response=(b, d.max_response_len),
+      response_len=(b,),
+  )
+  return {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sharding) for k, s in shapes.items()}
+
+
 def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a full-width training batch of `config.method`, from the arrays the
   views draw their batches from (`train.batch_size` examples of `rows_per_example` rows)."""
