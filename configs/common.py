@@ -5,7 +5,7 @@ Not a config itself; the task configs load it by path (`runpy.run_path`).
 
 import ml_collections
 
-from dqo_jax import methods
+from dqo_jax import methods, tasks
 
 # Presets that fine-tune a pretrained model: its weights and tokenizer come from
 # --config.model.path=DIR (a local copy of the Hugging Face repository named here).
@@ -103,8 +103,10 @@ def base_config():
   return c
 
 
-def task_config(task, *, max_prompt_len, max_response_len, instruction, template):
-  """base_config() with the `data` section of a real task (GSM8K, MATH) and its tokenizer."""
+def task_config(task, *, max_prompt_len, max_response_len):
+  """base_config() with the `data` section of a real task (GSM8K, MATH) and its tokenizer; the
+  prompt's instruction and template are the task's (dqo_jax/tasks/<task>.py)."""
+  spec = tasks.get(task)
   c = base_config()
   c.data = dict(
       task=task,
@@ -122,8 +124,8 @@ def task_config(task, *, max_prompt_len, max_response_len, instruction, template
           style="zero_shot",  # or "few_shot"
           num_shots=4,  # few_shot only
           exemplars="builtin",  # few_shot: "builtin" (dqo_jax/data/prompts.py) or "train"
-          instruction=instruction,
-          template=template,
+          instruction=spec.instruction,
+          template=spec.template,
           chat_template="",  # "" = plain text; "model" = the tokenizer's chat template
       ),
   )

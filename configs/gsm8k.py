@@ -32,10 +32,6 @@ common = types.SimpleNamespace(
 GSM8K_DIR = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "gsm8k")
 )
-INSTRUCTION = (
-    "Solve the math word problem step by step. Write the final answer as a number on its own "
-    "last line, in the form '#### N'."
-)
 
 
 def get_config(arg: str = ""):
@@ -44,8 +40,6 @@ def get_config(arg: str = ""):
       "gsm8k",
       max_prompt_len=320,
       max_response_len=384,
-      instruction=INSTRUCTION,
-      template="Question: {question}\nAnswer:\n",
   )
   # data.local_dir: "" = download with TFDS; else a directory with train.jsonl and test.jsonl
 

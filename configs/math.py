@@ -34,7 +34,6 @@ MADE_UP = os.path.normpath(
         os.path.dirname(os.path.abspath(__file__)), "..", "data", "math_made_up", "math_hendrycks"
     )
 )
-INSTRUCTION = "Solve the problem step by step. Put the final answer in \\boxed{}, simplified and in exact form."
 
 
 def get_config(arg: str = ""):
@@ -43,8 +42,6 @@ def get_config(arg: str = ""):
       "math",
       max_prompt_len=512,
       max_response_len=1024,
-      instruction=INSTRUCTION,
-      template="Problem: {question}\nSolution:\n",
   )
   # data.local_dir: required: a local copy of MATH (see above)
 

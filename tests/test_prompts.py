@@ -7,7 +7,10 @@ import re
 import ml_collections
 import pytest
 
+from dqo_jax import tasks
 from dqo_jax.data import prompts
+from dqo_jax.tasks import gsm8k as gsm8k_task
+from dqo_jax.tasks import math as math_task
 from dqo_jax.data.batches import encode_examples
 from dqo_jax.errors import UserError
 from dqo_jax.rewards import grade
@@ -61,12 +64,12 @@ def test_few_shot_builtin(task, n):
 
 
 def test_builtin_exemplars_are_right():
-  for question, solution in prompts.BUILTIN["gsm8k"]:
+  for question, solution in gsm8k_task.EXEMPLARS:
     # Each "a op b = c" line computes c.
     for a, op, b, c in re.findall(r"(\d+) ([-+*/]) (\d+) = \$?(\d+)", solution):
       assert eval(f"{a}{op}{b}") == int(c), (question, a, op, b, c)  # noqa: S307
     assert grade("gsm8k", solution, solution).correct
-  for _, solution in prompts.BUILTIN["math"]:
+  for _, solution in math_task.EXEMPLARS:
     assert grade("math", solution, solution).correct
 
 
@@ -97,8 +100,8 @@ def test_chat_template_hook():
   text = prompts.make_renderer(config, tok)("What is 1+1?")
   (messages,) = tok.seen
   assert [m["role"] for m in messages] == ["user", "assistant", "user"]
-  assert messages[0]["content"] == "Solve.\n\n" + prompts.BUILTIN["gsm8k"][0][0]
-  assert messages[1]["content"] == prompts.BUILTIN["gsm8k"][0][1]
+  assert messages[0]["content"] == "Solve.\n\n" + gsm8k_task.EXEMPLARS[0][0]
+  assert messages[1]["content"] == gsm8k_task.EXEMPLARS[0][1]
   assert messages[2]["content"] == "What is 1+1?"
   assert text.endswith("<user>What is 1+1?</user><assistant>")
   zero = prompts.make_renderer(_config(instruction="Solve.", chat_template="model"), tok)("Q?")
@@ -132,9 +135,10 @@ def test_configs_use_the_task_formats(name, task):
   for arg in ("tiny", "qwen2_7b", "gemma_7b", "llama3_8b", ""):
     c = _load_config(name, arg)
     assert c.data.task == task
-    assert c.data.prompt.instruction == prompts.INSTRUCTIONS[task]
-    assert c.data.prompt.template == prompts.TEMPLATES[task]
-    assert prompts.ANSWER_FORMATS[task] in c.data.prompt.instruction.replace("N'", "N")
+    spec = tasks.get(task)
+    assert c.data.prompt.instruction == spec.instruction
+    assert c.data.prompt.template == spec.template
+    assert spec.answer_format in c.data.prompt.instruction.replace("N'", "N")
     few = c.copy_and_resolve_references()
     few.data.prompt.style = "few_shot"
     assert prompts.make_renderer(few)("Q?").endswith(

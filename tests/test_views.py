@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from dqo_jax import tasks
 from dqo_jax.data import views
 from dqo_jax.data.batches import Encoded
 from dqo_jax.errors import UserError
@@ -14,12 +15,11 @@ def _rec(prompt_index, text, correct, finish="eos"):
 
 
 def test_equations_ignore_whitespace_and_prose_and_use_gsm8k_annotations():
-  assert views.equations("3+4=7\n7*2 = 14\n#### 14") == ("3+4=7", "7*2=14")
-  assert views.equations("She has <<3+4=7>>7 apples, then <<7*2=14>>14.\n#### 14") == (
-      "3+4=7",
-      "7*2=14",
-  )
-  assert views.equations("no equations\n#### 3") == ()
+  gsm8k = tasks.get("gsm8k").equations
+  for task in ("arith", "gsm8k", "math"):
+    assert tasks.get(task).equations("3+4=7\n7*2 = 14\n#### 14") == ("3+4=7", "7*2=14")
+    assert tasks.get(task).equations("no equations\n#### 3") == ()
+  assert gsm8k("She has <<3+4=7>>7 apples, then <<7*2=14>>14.\n#### 14") == ("3+4=7", "7*2=14")
 
 
 def test_rft_keeps_correct_samples_with_new_equations_once_per_prompt():
@@ -33,10 +33,10 @@ def test_rft_keeps_correct_samples_with_new_equations_once_per_prompt():
       _rec(0, "9-7=2\n#### 2", True, finish="length"),  # cut off: not a success
       _rec(1, "2-0=2\n#### 2", True),  # same text, other prompt: kept
   ]
-  assert views.rft_selection(records, gold) == [2, 6]
+  assert views.rft_selection(records, gold, tasks.get("gsm8k").equations) == [2, 6]
   # Answers only (data.num_gold): no gold solution to compare with, so the first correct
   # sample of prompt 0 is new too.
-  assert views.rft_selection(records, None) == [0, 2, 6]
+  assert views.rft_selection(records, None, tasks.get("gsm8k").equations) == [0, 2, 6]
 
 
 def test_dpo_pairs_every_correct_with_every_incorrect_then_caps_per_prompt():

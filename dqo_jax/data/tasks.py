@@ -1,4 +1,5 @@
-"""The task registry: `config.data.task` -> train/test examples and the tokenizer trained on them.
+"""A task's data for a run: `config.data.task` (a module of `dqo_jax/tasks/`) -> train,
+validation and test examples and the tokenizer trained on them.
 
 Every task's examples are plain dicts with what the pipeline reads:
 
@@ -6,13 +7,7 @@ Every task's examples are plain dicts with what the pipeline reads:
 - `solution`: the SFT target, and the reference the grader (`dqo_jax.rewards`) compares with;
 - `num_steps`: the int that evaluation groups accuracy by (results.json's `by_steps`);
 
-plus task-specific fields:
-
-| task  | solution                                   | num_steps                      | also       |
-|-------|--------------------------------------------|--------------------------------|------------|
-| arith | "12+7=19" lines, then "#### N"             | operations in the problem      | answer     |
-| gsm8k | the gold answer without <<...>>, "#### N"  | reasoning lines before "####"  | answer, gold_answer |
-| math  | the gold solution, ending in \\boxed{}     | the difficulty level, 1-5 (0 = "Level ?") | answer, level, subject, unique_id |
+plus fields of the task's own (each module of `dqo_jax/tasks/` says what they are).
 
 `config.data.num_train` / `num_test` cap GSM8K and MATH (-1 = all), keeping the first examples
 in the prepared dataset's fixed order; for arith they are the generated sizes.
@@ -23,110 +18,24 @@ logged while training is measured there, so that the test split is read once per
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
-from collections.abc import Callable
 
-from dqo_jax.data import arith_tfds, gsm8k_tfds, math_tfds, prompts
+from dqo_jax import tasks, tokenizer
 from dqo_jax.errors import UserError
-from dqo_jax import tokenizer
+from dqo_jax.tasks import Task
 from dqo_jax.tokenizer import Tokenizer, load_or_train_tokenizer
 
-__all__ = ["TASKS", "Task", "check_model_path", "load_task", "load_tokenizer"]
-
-
-@dataclasses.dataclass
-class Task:
-  name: str
-  splits: dict[str, list[dict]]  # "train", "test" and, when held out, "validation"
-  tokenizer_texts: Callable[[], list[str]]  # the corpus a tokenizer for this data is trained on
-  tokenizer_dir: str  # where that tokenizer is cached: beside the prepared data
-
-
-def _data_dir(config, workdir: str) -> str:
-  return config.data.dir or os.path.join(workdir, "data")
-
-
-def _cap(examples: list[dict], n: int) -> list[dict]:
-  return examples if n is None or n < 0 else examples[:n]
-
-
-def _arith(config, workdir: str) -> Task:
-  d = config.data
-  params = dict(
-      num_train=d.num_train,
-      num_test=d.num_test,
-      seed=d.seed,
-      min_steps=d.min_steps,
-      max_steps=d.max_steps,
-      max_operand=d.max_operand,
-      max_result=d.max_result,
-  )
-  data_dir = _data_dir(config, workdir)
-  splits = arith_tfds.load_arith(data_dir, **params)
-  texts = lambda: [t for ex in splits["train"] for t in (ex["question"], ex["solution"])]
-  return Task("arith", splits, texts, arith_tfds.arith_builder(data_dir, **params).data_dir)
-
-
-def _gsm8k_example(raw: dict) -> dict:
-  return dict(
-      question=raw["question"],
-      solution=gsm8k_tfds.strip_calculator_annotations(raw["answer"]),
-      num_steps=gsm8k_tfds.num_reasoning_lines(raw["answer"]),
-      answer=raw["final_answer"],
-      gold_answer=raw["answer"],
-  )
-
-
-def _math_example(raw: dict) -> dict:
-  return dict(
-      question=raw["problem"],
-      solution=raw["solution"],
-      num_steps=raw["level"],
-      answer=raw["answer"],
-      level=raw["level"],
-      subject=raw["subject"],
-      unique_id=raw["unique_id"],
-  )
-
-
-def _texts(train: list[dict], task: str) -> list[str]:
-  """Train questions and solutions plus the fixed prompt texts (instruction, exemplars), so that
-  a tokenizer trained on them covers every prompt whatever `config.data.prompt` says."""
-  return [t for ex in train for t in (ex["question"], ex["solution"])] + prompts.builtin_texts(task)
-
-
-def _real_task(name: str, load, builder, example):
-  """A task prepared from downloaded or local files: `load(data_dir, local_dir)` gives the raw
-  splits, `example(raw)` one pipeline example; data.num_train/num_test cap the splits."""
-
-  def task(config, workdir: str) -> Task:
-    d = config.data
-    local_dir, data_dir = d.get("local_dir", ""), _data_dir(config, workdir)
-    raw = load(data_dir, local_dir)
-    caps = dict(train=d.get("num_train", -1), test=d.get("num_test", -1))
-    splits = {s: [example(r) for r in _cap(raw[s], caps[s])] for s in ("train", "test")}
-    texts = lambda: _texts(splits["train"], name)
-    return Task(name, splits, texts, builder(data_dir, local_dir).data_dir)
-
-  return task
-
-
-_gsm8k = _real_task("gsm8k", gsm8k_tfds.load_gsm8k, gsm8k_tfds.gsm8k_builder, _gsm8k_example)
-_math = _real_task("math", math_tfds.load_math, math_tfds.math_builder, _math_example)
-
-TASKS: dict[str, Callable[[object, str], Task]] = {"arith": _arith, "gsm8k": _gsm8k, "math": _math}
+__all__ = ["check_model_path", "load_task", "load_tokenizer"]
 
 
 def load_task(config, workdir: str) -> Task:
   """The examples of `config.data.task`, prepared under `config.data.dir` (default
   `<workdir>/data`) on first use."""
-  try:
-    loader = TASKS[config.data.task]
-  except KeyError:
-    raise UserError(f"config.data.task={config.data.task!r}; choose from {sorted(TASKS)}") from None
-  task = loader(config, workdir)
+  specs = tasks.registry()
+  if config.data.task not in specs:
+    raise UserError(f"config.data.task={config.data.task!r}; choose from {sorted(specs)}")
+  task = specs[config.data.task].load(config, workdir)
   _hold_out_validation(task, config.data.get("num_validation", 0))
   for split, examples in task.splits.items():
     if not examples:
@@ -154,8 +63,9 @@ def load_tokenizer(config, task: Task) -> Tokenizer:
   if config.model.get("path"):
     return tokenizer.load_tokenizer(os.path.expanduser(config.model.path))
   vocab = config.tokenizer.vocab_size
-  if task.name == "arith":  # the name it had before the registry, so cached ones stay valid
-    path = os.path.join(task.tokenizer_dir, f"tokenizer_{vocab}.model")
+  fixed_name = tasks.get(task.name).tokenizer_name
+  if fixed_name:
+    path = os.path.join(task.tokenizer_dir, fixed_name.format(vocab=vocab))
     return load_or_train_tokenizer(path, task.tokenizer_texts, vocab)
   # The corpus depends on num_train (and on the prompt texts), so its hash names the file.
   texts = task.tokenizer_texts()

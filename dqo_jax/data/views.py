@@ -13,7 +13,6 @@ Every method reads the same sampled, verified responses; only the selection diff
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import numpy as np
@@ -23,28 +22,16 @@ from dqo_jax.errors import UserError
 
 TOKEN_KEYS = ("prompt", "prompt_mask", "response", "response_len")
 
-_CALCULATOR = re.compile(r"<<([^<>]*)>>")
-
-
-def equations(text: str) -> tuple[str, ...]:
-  """The sequence of equations of a solution, whitespace removed: the RFT dedup key.
-
-  GSM8K marks its computations as <<expr=value>>; elsewhere every line holding "=" counts.
-  Lines without equations (prose, the "#### N" line) are ignored, as Yuan et al. (2023) do.
-  """
-  marked = _CALCULATOR.findall(text)
-  lines = marked if marked else [l for l in text.splitlines() if "=" in l]
-  return tuple("".join(l.split()) for l in lines)
-
 
 def is_success(record: dict) -> bool:
   return bool(record["correct"]) and record["finish"] == "eos"
 
 
-def rft_selection(records: list[dict], known: Encoded | None) -> list[int]:
-  """Indices of the correct samples whose equations differ from every earlier kept sample's for
-  the same prompt and, where `known` holds the sampled prompts' gold solutions (indexed by
-  `prompt_index`; None when only their answers are known), from the gold solution's."""
+def rft_selection(records: list[dict], known: Encoded | None, equations) -> list[int]:
+  """Indices of the correct samples whose equations (`equations(text)`, the task's) differ from
+  every earlier kept sample's for the same prompt and, where `known` holds the sampled prompts'
+  gold solutions (indexed by `prompt_index`; None when only their answers are known), from the
+  gold solution's."""
   seen = defaultdict(set)
   keep = []
   for i, r in enumerate(records):
@@ -59,11 +46,11 @@ def rft_selection(records: list[dict], known: Encoded | None) -> list[int]:
 
 
 def rft_arrays(
-    records: list[dict], sample_arrays: dict, gold: Encoded, known: Encoded | None
+    records: list[dict], sample_arrays: dict, gold: Encoded, known: Encoded | None, equations
 ) -> dict[str, np.ndarray]:
   """The gold solutions SFT read followed by the kept correct samples (`rft_selection`), in the
   token batch layout."""
-  keep = np.array(rft_selection(records, known), np.int64)
+  keep = np.array(rft_selection(records, known, equations), np.int64)
   return {k: np.concatenate([gold.arrays[k], sample_arrays[k][keep]]) for k in TOKEN_KEYS}
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import pkgutil
 from typing import Any, Callable
+
+from dqo_jax import registry as registry_lib
 
 # A weight-map row: (Hugging Face tensor name, our parameter path, rule of dqo_jax.convert.RULES);
 # "{i}" stands for the layer index. Rows whose parameter a model lacks (biases, an untied
@@ -39,11 +39,7 @@ class Family:
 
 @functools.cache
 def registry() -> dict[str, Family]:
-  found = {}
-  for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    family = importlib.import_module(f"{__name__}.{info.name}").FAMILY
-    found[family.name] = family
-  return found
+  return registry_lib.discover(__name__, __path__, "FAMILY")
 
 
 def get(name: str) -> Family:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import pkgutil
 from typing import Any, Callable
 
 import numpy as np
 
+from dqo_jax import registry as registry_lib
 from dqo_jax import rng
 from dqo_jax.data.batches import Encoded, batch_fn
 from dqo_jax.errors import UserError
@@ -111,12 +110,7 @@ class Method:
 @functools.cache
 def registry() -> dict[str, Method]:
   """Every method module of this package, imported once: name -> Method, in `order`."""
-  found = {}
-  for info in pkgutil.iter_modules(__path__):
-    method = importlib.import_module(f"{__name__}.{info.name}").METHOD
-    if method.name in found:
-      raise RuntimeError(f"two method modules register {method.name!r}")
-    found[method.name] = method
+  found = registry_lib.discover(__name__, __path__, "METHOD")
   return dict(sorted(found.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 

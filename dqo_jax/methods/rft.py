@@ -3,6 +3,7 @@ model's own verified-correct samples, deduplicated per prompt by their equations
 
 from __future__ import annotations
 
+from dqo_jax import tasks
 from dqo_jax.data import views
 from dqo_jax.methods import Method, TrainData, View
 from dqo_jax.train.policy_step import nll_objective
@@ -10,7 +11,8 @@ from dqo_jax.train.policy_step import nll_objective
 
 def view(data: TrainData) -> View:
   records, arrays = data.samples
-  rft = views.rft_arrays(records, arrays, data.gold, data.known)
+  equations = tasks.get(data.config.data.task).equations
+  rft = views.rft_arrays(records, arrays, data.gold, data.known, equations)
   size = len(rft["response_len"])
   return View(
       data.batches(rft, size), size, dict(gold=len(data.gold), kept_samples=size - len(data.gold))

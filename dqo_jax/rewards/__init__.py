@@ -3,26 +3,27 @@
 This package is imported by data, training and evaluation code alike, including
 processes that must stay light: it must never import jax, flax or optax.
 
-Each task module provides `check(response, reference) -> (correct, predicted,
-reason)`; this module dispatches on the task name and wraps the result. "math"
-also compares symbolically, in worker processes with a timeout (`math_answer`).
+Each task's grader module provides `check(response, reference) -> (correct,
+predicted, reason)`; the task registry (`dqo_jax.tasks`, which imports no jax
+either) says which module grades which task, and this module wraps the result.
+A grader with `check_many` ("math", `math_answer`) also compares symbolically, in
+worker processes with a timeout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from dqo_jax.rewards import arith, gsm8k, math_answer
+from dqo_jax.rewards import math_answer
 
-__all__ = ["Grade", "KNOWN_TASKS", "grade", "grade_batch", "reward_for"]
+__all__ = ["Grade", "grade", "grade_batch", "known_tasks", "reward_for"]
 
-_CHECKERS: dict[str, Callable[[str, str], tuple[bool, str | None, str]]] = {
-    "arith": arith.check,
-    "gsm8k": gsm8k.check,
-    "math": math_answer.check,
-}
-KNOWN_TASKS = tuple(sorted(_CHECKERS))
+
+def known_tasks() -> tuple[str, ...]:
+  from dqo_jax import tasks  # pylint: disable=g-import-not-at-top
+
+  return tuple(sorted(tasks.registry()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +39,12 @@ class Grade:
   reason: str
 
 
-def _checker(task: str) -> Callable[[str, str], tuple[bool, str | None, str]]:
-  try:
-    return _CHECKERS[task]
-  except KeyError:
-    raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(KNOWN_TASKS)}") from None
+def _grader(task: str):
+  """The module that grades `task` (`dqo_jax.tasks`: imported here, not at the top, since the
+  task modules import their graders from this package)."""
+  from dqo_jax import tasks  # pylint: disable=g-import-not-at-top
+
+  return tasks.get(task).grader
 
 
 def grade(
@@ -55,10 +57,10 @@ def grade(
   (its last \\boxed{}) or the bare answer. `timeout` bounds the symbolic
   comparison of a "math" answer, in seconds; other tasks need none.
   """
-  check = _checker(task)
-  if task == "math":
-    return Grade(*math_answer.check(response, reference, timeout=timeout))
-  return Grade(*check(response, reference))
+  grader = _grader(task)
+  if hasattr(grader, "check_many"):  # the graders with a symbolic comparison take its timeout
+    return Grade(*grader.check(response, reference, timeout=timeout))
+  return Grade(*grader.check(response, reference))
 
 
 def grade_batch(
@@ -77,11 +79,11 @@ def grade_batch(
   """
   if len(responses) != len(references):
     raise ValueError(f"got {len(responses)} responses but {len(references)} references")
-  check = _checker(task)
-  if task == "math":
-    graded = math_answer.check_many(responses, references, num_workers=num_workers, timeout=timeout)
+  grader = _grader(task)
+  if hasattr(grader, "check_many"):
+    graded = grader.check_many(responses, references, num_workers=num_workers, timeout=timeout)
     return [Grade(*result) for result in graded]
-  return [Grade(*check(r, ref)) for r, ref in zip(responses, references)]
+  return [Grade(*grader.check(r, ref)) for r, ref in zip(responses, references)]
 
 
 def reward_for(

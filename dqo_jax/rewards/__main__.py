@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 
-from dqo_jax.rewards import KNOWN_TASKS, grade_batch, math_answer
+from dqo_jax.rewards import grade_batch, known_tasks, math_answer
 
 
 def _parse_line(raw: bytes) -> dict:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m dqo_jax.rewards", description=__doc__.split("\n")[0]
   )
-  parser.add_argument("--task", required=True, choices=KNOWN_TASKS)
+  parser.add_argument("--task", required=True, choices=known_tasks())
   parser.add_argument("--input", required=True)
   parser.add_argument("--output", required=True)
   parser.add_argument("--num-workers", type=int, default=None)
