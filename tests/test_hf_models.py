@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from dqo_jax import convert, safetensors_io  # noqa: E402
-from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy  # noqa: E402
+from dqo_jax.model import ModelConfig, Transformer  # noqa: E402
 from dqo_jax.sampler import generate  # noqa: E402
 from dqo_jax.train import build  # noqa: E402
 
@@ -174,11 +174,11 @@ def test_round_trip_through_the_cli_loads_in_transformers(family, tmp_path):
 
 
 def test_value_model_from_the_imported_trunk_starts_at_zero(family):
+  """As the train stage builds it (`build.value_params_from`): the policy's trunk, a zero head."""
   _, _, _, cfg, params = family
   value = Transformer(cfg, head="value")
   tokens, mask = _batch()
-  fresh = nn.meta.unbox(value.init(jax.random.key(1), tokens[:1], mask[:1])["params"])
-  merged = value_params_from_policy(params, fresh)
+  merged = nn.meta.unbox(build.value_params_from(value, params, jax.random.key(1)))
   assert "lm_head" not in merged and "value_head" in merged
   np.testing.assert_array_equal(
       merged["layer_0"]["attn"]["q"]["kernel"], params["layer_0"]["attn"]["q"]["kernel"]
@@ -309,10 +309,6 @@ def test_config_model_path_gives_the_stages_the_pretrained_policy(llama_dir, tmp
       nn.meta.unbox(state.params)["layer_1"]["mlp"]["up"]["kernel"],
       nn.meta.unbox(boxed)["layer_1"]["mlp"]["up"]["kernel"],
   )
-  value_model = build.models(config, ctx.model_cfg)[1]
-  value = build.value_params_from(value_model, nn.meta.unbox(state.params), jax.random.key(1))
-  value = nn.meta.unbox(value)
-  assert not np.any(np.asarray(value["value_head"])) and "lm_head" not in value
 
 
 def test_a_bad_config_model_path_is_one_line_naming_what_is_missing(llama_dir, tmp_path):
