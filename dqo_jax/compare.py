@@ -44,7 +44,15 @@ from dqo_jax.metrics import read_scalars, write_json_atomic
 METHODS = methods.compare_labels()
 ABLATIONS = methods.compare_labels(ablations=True)
 
-_METHODS = flags.DEFINE_list("methods", ",".join(METHODS), "Methods to compare.")
+_METHODS = flags.DEFINE_list(
+    "methods",
+    ",".join(METHODS),
+    "Methods to compare: "
+    + "; ".join(f"{name}: {m.summary}" for name, m in methods.registry().items())
+    + "; and their variants ("
+    + ", ".join(k for k in METHODS if k not in methods.registry())
+    + ").",
+)
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method (0 .. seeds-1).")
 _ABLATIONS = flags.DEFINE_bool("ablations", False, "Also run the DQO ablations in ABLATIONS.")
 _ABLATION_SEEDS = flags.DEFINE_integer("ablation_seeds", 1, "Seeds per ablation.")
