@@ -173,13 +173,9 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
         f"data x fsdp = {data_ways} chips; change the batch size or config.mesh"
     )
   model_cfg = model_config(config)
-  if stage == "sft":
-    built = build.build_sft_step(config, model_cfg, mesh)
-    batch = build.abstract_sft_batch(config, sharding.batch_sharding(mesh))
-  else:
-    built = build.build_train_step(config, model_cfg, mesh)
-    batch = built.abstract_batch
-  state = built.abstract_state
+  builder = build.build_sft_step if stage == "sft" else build.build_train_step
+  built = builder(config, model_cfg, mesh)
+  state, batch = built.abstract_state, built.abstract_batch
   t0 = time.time()
   step = jit_step(built.step_fn, built.state_shardings, mesh, sharding.logical_rules(config.mesh))
   try:

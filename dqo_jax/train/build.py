@@ -58,6 +58,8 @@ class TrainStep:
   init_fn: Callable
   make_step: Callable[[], Callable]  # built on first use: restoring a state needs no objective
   takes_sft_params: bool = True  # init_fn(rng, sft_params), or init_fn(rng) for SFT itself
+  # (config, batch sharding) -> the full-width batch the step is compiled for.
+  batch_shapes: Callable | None = None  # None: `abstract_batch`, the train stage's
 
   @functools.cached_property
   def step_fn(self) -> Callable:
@@ -81,7 +83,8 @@ class TrainStep:
 
   @property
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    return abstract_batch(self.config, sharding.batch_sharding(self.mesh))
+    shapes = self.batch_shapes or abstract_batch
+    return shapes(self.config, sharding.batch_sharding(self.mesh))
 
 
 def build_train_step(config, model_cfg: ModelConfig, mesh, view: methods.View | None = None):
@@ -131,7 +134,15 @@ def build_sft_step(config, model_cfg: ModelConfig, mesh, initial_params=None) ->
   initial = initial_params or (lambda rng: boxed_init(policy_model, rng))
   init = lambda rng: TrainState.create(initial(rng), tx)
   step = lambda: policy_step.make_sft_step(policy_model, tx, config.sft.grad_accum_steps)
-  return TrainStep(config, policy_model, mesh, init, step, takes_sft_params=False)
+  return TrainStep(
+      config,
+      policy_model,
+      mesh,
+      init,
+      step,
+      takes_sft_params=False,
+      batch_shapes=abstract_sft_batch,
+  )
 
 
 def abstract_sft_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
