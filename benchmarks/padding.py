@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 
 import numpy as np
 
 from benchmarks.timing import row
+from configs import gsm8k
 from dqo_jax.data.batches import bucket_widths, bucketed_batch_indices, cut_to_width
-
-CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "gsm8k.py"
-)
 
 
 def gsm8k_lengths(path: str) -> np.ndarray:
@@ -44,9 +40,8 @@ def padding_fractions(lengths, batch_size, num_buckets, steps, seed=0):
 
 
 def rows(quick: bool) -> list[dict]:
-  module = runpy.run_path(CONFIG)
-  train = module["get_config"]().train
-  lengths = gsm8k_lengths(os.path.join(module["GSM8K_DIR"], "train.jsonl"))
+  train = gsm8k.get_config().train
+  lengths = gsm8k_lengths(os.path.join(gsm8k.GSM8K_DIR, "train.jsonl"))
   epochs = 1 if quick else 3
   steps = len(lengths) // train.batch_size * epochs
   before, after, widths = padding_fractions(lengths, train.batch_size, train.length_buckets, steps)

@@ -9,6 +9,7 @@ is XLA's `memory_analysis()` of each compiled step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks.timing import interleaved, median_ratio, row
+from configs.arith import get_config
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
 from dqo_jax.train import policy_step
 from dqo_jax.train.forward import response_logprobs, response_mask, response_values
@@ -52,9 +54,10 @@ OPT = ml_collections.ConfigDict(
 )
 
 
-# The `dqo` section's defaults with importance traces on (the costlier targets).
-DQO = ml_collections.ConfigDict(dqo_method.defaults(beta=0.1))
-DQO.update(lam=0.95, importance_traces=True)
+# The shipped `dqo` settings with importance traces on (the costlier targets).
+DQO = dataclasses.replace(
+    dqo_method.Settings.from_config(get_config()), beta=0.1, lam=0.95, importance_traces=True
+)
 
 
 def make_batch(b: int, p: int, r: int, seed: int = 0) -> dict:

@@ -14,14 +14,8 @@ signal. `all_gold` is the earlier default: SFT on the solutions of every trainin
 1,200 steps (still rising on validation) and RL on the same problems' prompts.
 """
 
-import os
-import runpy
-import types
+from configs import common
 
-# The shared parts, loaded by path: config files are run by path, not imported as a package.
-common = types.SimpleNamespace(
-    **runpy.run_path(os.path.join(os.path.dirname(__file__), "common.py"))
-)
 optimizer = common.optimizer
 
 

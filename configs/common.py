@@ -1,6 +1,7 @@
 """What configs/gsm8k.py and configs/math.py share: optimizers, mesh, stages, pretrained presets.
 
-Not a config itself; the task configs load it by path (`runpy.run_path`).
+Not a config itself; the task configs import it (`from configs import common`), which works
+wherever `dqo_jax` does: from the repository's root.
 """
 
 import ml_collections

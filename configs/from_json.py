@@ -6,10 +6,10 @@
 """
 
 import json
-import os
-import runpy
 
 import ml_collections
+
+from dqo_jax import config_keys
 
 
 def _tuples(x):
@@ -17,24 +17,12 @@ def _tuples(x):
   return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def _keys(tree: dict, prefix: str = "") -> set[str]:
-  out = set()
-  for k, v in tree.items():
-    out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
-  return out
-
-
 def _missing_keys(raw: dict) -> list[str]:
   """Keys that the task's own config file has and `raw` lacks: a config.json written by an
   older dqo_jax. The model section is left out: its fields differ between presets, and the
   code reads the newer ones with defaults."""
-  task = raw.get("data", {}).get("task", "")
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{task}.py")
-  if not os.path.exists(path):
-    return []
-  current = json.loads(runpy.run_path(path)["get_config"]().to_json_best_effort())
-  current.pop("model", None)
-  return sorted(_keys(current) - _keys(raw))
+  known = config_keys.preset_keys(raw.get("data", {}).get("task", ""))
+  return sorted(known - config_keys.leaves(raw)) if known else []
 
 
 def get_config(path: str):

@@ -19,13 +19,8 @@ root). Prompt formats: data.prompt (see dqo_jax/data/prompts.py and docs/data.md
 """
 
 import os
-import runpy
-import types
 
-# The shared parts, loaded by path: config files are run by path, not imported as a package.
-common = types.SimpleNamespace(
-    **runpy.run_path(os.path.join(os.path.dirname(__file__), "common.py"))
-)
+from configs import common
 
 # The repository's copy of the official files (data/README.md), found from this file so that a
 # preset works from any working directory.

@@ -20,13 +20,8 @@ Presets (the part after ':'):
 """
 
 import os
-import runpy
-import types
 
-# The shared parts, loaded by path: config files are run by path, not imported as a package.
-common = types.SimpleNamespace(
-    **runpy.run_path(os.path.join(os.path.dirname(__file__), "common.py"))
-)
+from configs import common
 
 # Found from this file, so that the preset works from any working directory.
 MADE_UP = os.path.normpath(

@@ -65,7 +65,7 @@ _TOPOLOGY = flags.DEFINE_string(
 
 
 def check_config(config) -> list[str]:
-  from dqo_jax import methods
+  from dqo_jax import config_keys, methods
   from dqo_jax.model import REMAT_POLICIES, unknown_config_keys
   from dqo_jax.stages.context import STAGES
   from dqo_jax.train import accumulate
@@ -85,6 +85,11 @@ def check_config(config) -> list[str]:
         config[section].grad_accum_steps,
         f"config.{section}.grad_accum_steps",
     )
+  unknown = config_keys.unknown_keys(config)
+  if unknown:
+    raise UserError(
+        f"config has no setting {', '.join(unknown)} (configs/{config.data.task}.py lists them)"
+    )
   unknown = unknown_config_keys(config.model)
   if unknown:
     raise UserError(f"config.model has no setting {', '.join(unknown)}")
@@ -97,7 +102,7 @@ def check_config(config) -> list[str]:
         f"config.model.logprob_chunk={chunk!r} must be a number of positions (0: whole logits)"
     )
   for section in ("sft", "train"):
-    buckets = config[section].get("length_buckets", 1)
+    buckets = config[section].length_buckets
     if not isinstance(buckets, int) or buckets < 1:
       raise UserError(f"config.{section}.length_buckets={buckets!r} must be 1 (off) or more")
   method.check(config)

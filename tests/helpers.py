@@ -1,6 +1,8 @@
 """What several test files share: a tiny model, the default config's sharding rules, optimizer
 and DQO settings, random batches in the project's layout, and a DQO train step to run."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,9 +27,11 @@ RULES = sharding.logical_rules(get_config().mesh)
 OPT = ml_collections.ConfigDict(
     dict(lr=1e-3, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b2=0.98)
 )
-# The `dqo` section's defaults with bootstrapping and importance traces on (every term used).
-DQO = ml_collections.ConfigDict(dqo.defaults(beta=0.1))
-DQO.update(lam=0.95, importance_traces=True)
+# The shipped `dqo` settings at beta 0.1 with bootstrapping and importance traces on (every term
+# used).
+DQO = dataclasses.replace(
+    dqo.Settings.from_config(get_config()), beta=0.1, lam=0.95, importance_traces=True
+)
 
 
 def random_batch(rng, b=16, p=6, r=7):

@@ -3,6 +3,7 @@ command line's one-line format itself is tested in test_pipeline.py): batch size
 offline data, a full disk, a damaged checkpoint of a finished stage, and `--redo`."""
 
 import errno
+import importlib
 import json
 import os
 
@@ -264,3 +265,19 @@ def test_check_config_names_the_bad_setting(key, value, expected):
   with pytest.raises(UserError) as e:
     main.check_config(config)
   assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("preset", ["arith", "gsm8k", "math"])
+def test_a_key_that_no_preset_holds_is_refused_in_any_section(preset):
+  """A typo set in a config file (not an override, which ml_collections checks itself): in a
+  nested section and at the top, named with the nearest key of the task's preset."""
+  config = importlib.import_module(f"configs.{preset}").get_config("tiny")
+  main.check_config(config)
+  config.dqo.process.alfa = 0.5
+  config.seeed = 1
+  with pytest.raises(UserError) as e:
+    main.check_config(config)
+  assert str(e.value) == (
+      "config has no setting dqo.process.alfa (did you mean 'dqo.process.alpha'?), seeed (did you "
+      f"mean 'seed'?) (configs/{preset}.py lists them)"
+  )

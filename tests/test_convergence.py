@@ -21,6 +21,7 @@ the threshold, so this test catches them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs.arith import get_config
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
 from dqo_jax.train.forward import response_logprobs
 from dqo_jax.train.policy_step import make_sft_step
@@ -216,8 +218,9 @@ def _distance_after(make_step, steps):
   return _tv(trained, target), _tv(np.exp(ref_seq), target), _unseen_mass(target)
 
 
-# `config.dqo` as the configs ship it (lambda, normalisation, no importance traces), at BETA.
-DQO_CFG = ml_collections.ConfigDict(dqo.defaults(BETA))
+# The `dqo` settings as the configs ship them (lambda, normalisation, no importance traces), at
+# BETA.
+DQO_CFG = dataclasses.replace(dqo.Settings.from_config(get_config()), beta=BETA)
 
 
 def test_dqo_reaches_the_optimum():

@@ -3,8 +3,6 @@ non-divisible dimension is left whole; the token axis is never sharded. (The sha
 themselves are checked against one device in test_train_step.py.)"""
 
 import dataclasses
-import os
-import runpy
 
 import flax.linen as nn
 import jax
@@ -13,14 +11,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from configs import common
 from dqo_jax import distributed, sharding
 from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, Transformer
 
-COMMON = runpy.run_path(
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/common.py")
-)
-RULES = COMMON["MESH_RULES"]
+RULES = common.MESH_RULES
 NAMES = {name for name, _ in RULES}
 
 BASE = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8)

@@ -1,6 +1,7 @@
 """The jitted train steps: sharded over 8 simulated devices they compute what one device does,
 and the DQO step's single-pass gradients equal plain autodiff of its losses."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -206,7 +207,7 @@ def test_dqo_step_logs_the_soft_advantage():
   """Without traces the logged advantage is G_t - V(s_t); at lambda = 1, G_t is the Monte-Carlo
   soft return, checked here against numpy."""
   init_fn, _, policy, value = dqo_setup()
-  cfg = ml_collections.ConfigDict(dict(DQO, importance_traces=False, lam=1.0))
+  cfg = dataclasses.replace(DQO, importance_traces=False, lam=1.0)
   state = nn.meta.unbox(init_fn(jax.random.key(0)))
   batch = jax.tree.map(jnp.asarray, random_batch(np.random.default_rng(3)))
   tx = make_optimizer(OPT, 10)
@@ -225,7 +226,7 @@ def test_dqo_step_logs_the_soft_advantage():
 
 def test_value_warmup_freezes_the_policy_then_releases_it():
   init_fn, _, policy, value = dqo_setup()
-  cfg = ml_collections.ConfigDict(dict(DQO, value_warmup_steps=2))
+  cfg = dataclasses.replace(DQO, value_warmup_steps=2)
   tx = make_optimizer(OPT, 10)
   step = jax.jit(make_dqo_step(policy, value, tx, tx, cfg))
   state = nn.meta.unbox(init_fn(jax.random.key(0)))
@@ -274,10 +275,12 @@ def _method_batch(method):
   return batch
 
 
-PS = ml_collections.ConfigDict(
-    dict(DQO, process=dict(enabled=True, alpha=1.0, value_weight=1.0, value_decay_steps=20))
+PS = dataclasses.replace(
+    DQO,
+    process=dqo.Process(
+        alpha=1.0, value_weight=1.0, value_decay_steps=20, correct=1.0, incorrect=0.0
+    ),
 )
-REWARDS = ml_collections.ConfigDict(dict(correct=1.0, incorrect=0.0, unparseable=0.0))
 
 METHOD_STEPS = {
     "sft": lambda: _policy_setup(policy_step.nll_objective),
@@ -285,7 +288,7 @@ METHOD_STEPS = {
     "kto": lambda: _policy_setup(kto.objective(0.5, 1.0, 1.0)),
     "dro": lambda: _value_setup(dro.objective(0.5)),
     "dqo": lambda: _value_setup(dqo.objective(DQO)),
-    "dqo_ps": lambda: _value_setup(dqo.objective(PS, REWARDS)),
+    "dqo_ps": lambda: _value_setup(dqo.objective(PS)),
 }
 
 

@@ -4,6 +4,8 @@ lambda-returns with a value model V(s_t); with process supervision (`dqo.process
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from dqo_jax import losses
@@ -14,19 +16,67 @@ from dqo_jax.train.forward import response_mask
 from dqo_jax.train.policy_value_step import make_policy_value_step, masked_mean
 
 
-def objective(cfg, reward_cfg=None):
-  """cfg is `config.dqo`; `reward_cfg` (`config.rewards`) is needed only for process
-  supervision's value targets."""
-  beta, lam, norm = float(cfg.beta), float(cfg.lam), cfg.loss_norm
-  ps = cfg.process
-  alpha = float(ps.alpha)
+@dataclasses.dataclass(frozen=True)
+class Process:
+  """Process supervision (`config.dqo.process`): the shaping's scale and the value model's warm
+  start toward R_c p + R_i (1 - p) - alpha p at step boundaries (rewards from `config.rewards`)."""
+
+  alpha: float
+  value_weight: float
+  value_decay_steps: int
+  correct: float
+  incorrect: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the DQO step reads, fixed once from the config before anything is traced (the
+  meaning of each field is in `defaults`); `process` is None without process supervision."""
+
+  beta: float
+  lam: float
+  importance_traces: bool
+  rho_max: float
+  c_max: float
+  return_impl: str
+  loss_norm: str
+  value_warmup_steps: int
+  process: Process | None = None
+
+  @classmethod
+  def from_config(cls, config) -> "Settings":
+    d, ps = config.dqo, config.dqo.process
+    process = None
+    if ps.enabled:
+      process = Process(
+          alpha=float(ps.alpha),
+          value_weight=float(ps.value_weight),
+          value_decay_steps=int(ps.value_decay_steps),
+          correct=float(config.rewards.correct),
+          incorrect=float(config.rewards.incorrect),
+      )
+    return cls(
+        beta=float(d.beta),
+        lam=float(d.lam),
+        importance_traces=bool(d.importance_traces),
+        rho_max=float(d.rho_max),
+        c_max=float(d.c_max),
+        return_impl=str(d.return_impl),
+        loss_norm=str(d.loss_norm),
+        value_warmup_steps=int(d.value_warmup_steps),
+        process=process,
+    )
+
+
+def objective(s: Settings):
+  beta, lam, norm, ps = s.beta, s.lam, s.loss_norm, s.process
 
   def losses_of(logp, values, batch, step):
     mask = response_mask(batch).astype(jnp.float32)
     ref = batch["ref_logprobs"]
     rewards = losses.place_outcome_rewards(batch["reward"], batch["response_len"], mask.shape[1])
-    if ps.enabled:
-      rewards = rewards + losses.potential_shaping(batch["potentials"], mask, alpha=alpha)
+    if ps is not None:
+      rewards = rewards + losses.potential_shaping(batch["potentials"], mask, alpha=ps.alpha)
     returns = losses.soft_lambda_returns(
         rewards,
         values,
@@ -35,17 +85,17 @@ def objective(cfg, reward_cfg=None):
         mask,
         beta=beta,
         lam=lam,
-        behaviour_logprobs=batch["behaviour_logprobs"] if cfg.importance_traces else None,
-        rho_max=float(cfg.rho_max),
-        c_max=float(cfg.c_max),
-        impl=cfg.return_impl,
+        behaviour_logprobs=batch["behaviour_logprobs"] if s.importance_traces else None,
+        rho_max=s.rho_max,
+        c_max=s.c_max,
+        impl=s.return_impl,
     )
     policy_loss = lambda lp: losses.dqo_q_loss(
         lp, ref, values, rewards, returns, mask, beta=beta, lam=lam, normalize=norm
     )
     value_loss = lambda v: losses.dqo_value_loss(v, returns, mask, normalize=norm)
-    if ps.enabled and ps.value_weight:
-      value_loss = _with_process_value_loss(value_loss, batch, ps, reward_cfg, step)
+    if ps is not None and ps.value_weight:
+      value_loss = _with_process_value_loss(value_loss, batch, ps, step)
 
     log_ratio = logp - ref
     advantage = losses.q_targets(rewards, values, returns, mask, lam=lam) - beta * log_ratio
@@ -59,7 +109,7 @@ def objective(cfg, reward_cfg=None):
         advantage_std=jnp.sqrt(masked_mean((advantage - adv_mean) ** 2, mask)),
         reward=jnp.mean(batch["reward"]),
     )
-    if ps.enabled:
+    if ps is not None:
       # V(s_0) beside the rollouts' Monte-Carlo success rate p_0 of pi_ref from the bare prompt:
       # where V stands against what the prompt is worth under pi_ref (under shaping V* is
       # offset by -alpha p_0, and above p_0 by the soft improvement over pi_ref).
@@ -71,27 +121,25 @@ def objective(cfg, reward_cfg=None):
   return losses_of
 
 
-def _with_process_value_loss(value_loss, batch, ps, reward_cfg, step):
+def _with_process_value_loss(value_loss, batch, ps: Process, step):
   """Adds the warm start of V at step boundaries: (V(s) - (R_c p + R_i (1 - p) - alpha p))^2,
   weighted by `value_weight`, decaying linearly to 0 over `value_decay_steps`."""
   p, at = batch["potentials"], batch["boundary_mask"]
-  target = reward_cfg.correct * p + reward_cfg.incorrect * (1.0 - p) - ps.alpha * p
-  decay = jnp.maximum(0.0, 1.0 - step / max(int(ps.value_decay_steps), 1))
-  weight = float(ps.value_weight) * decay
+  target = ps.correct * p + ps.incorrect * (1.0 - p) - ps.alpha * p
+  decay = jnp.maximum(0.0, 1.0 - step / max(ps.value_decay_steps, 1))
+  weight = ps.value_weight * decay
   return lambda v: value_loss(v) + weight * masked_mean(jnp.square(v - target), at)
 
 
-def make_dqo_step(
-    policy_model, value_model, policy_tx, value_tx, cfg, reward_cfg=None, grad_accum_steps=1
-):
-  """The DQO step; cfg is `config.dqo`."""
+def make_dqo_step(policy_model, value_model, policy_tx, value_tx, s: Settings, grad_accum_steps=1):
+  """The DQO step."""
   return make_policy_value_step(
       policy_model,
       value_model,
       policy_tx,
       value_tx,
-      objective(cfg, reward_cfg),
-      int(cfg.value_warmup_steps),
+      objective(s),
+      s.value_warmup_steps,
       grad_accum_steps,
   )
 
@@ -162,7 +210,7 @@ METHOD = Method(
     order=6,
     summary="DQO: soft Q-learning of the policy on soft lambda-returns, with a value model V(s)",
     view=view,
-    objective=lambda config, view: objective(config.dqo, config.rewards),
+    objective=lambda config, view: objective(Settings.from_config(config)),
     trains_value=True,
     defaults=defaults,
     check=check,

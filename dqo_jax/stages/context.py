@@ -49,7 +49,7 @@ class Context:
 
   @property
   def num_gold(self) -> int:
-    n = self.config.data.get("num_gold", -1)
+    n = self.config.data.num_gold
     return len(self.train) if n < 0 else n
 
   @functools.cached_property
@@ -146,7 +146,7 @@ def build_context(config, workdir: Workdir) -> Context:
           f"[data] {s}: dropped {e.dropped} of {e.dropped + len(e)} examples longer than "
           f"data.max_prompt_len={d.max_prompt_len}/max_response_len={d.max_response_len}"
       )
-  num_gold = d.get("num_gold", -1)
+  num_gold = d.num_gold
   if num_gold >= 0 and not 0 < num_gold < len(enc["train"]):
     raise UserError(
         f"config.data.num_gold={num_gold}: the gold subset needs at least one training problem "

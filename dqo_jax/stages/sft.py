@@ -17,7 +17,7 @@ def run(ctx: Context) -> dict:
   cfg = ctx.config
   step = ctx.sft_step()
   arrays = {k: ctx.gold.arrays[k] for k in BATCH_KEYS}
-  n, buckets = len(ctx.gold), int(cfg.sft.get("length_buckets", 1))
+  n, buckets = len(ctx.gold), int(cfg.sft.length_buckets)
   batch_at = batch_fn(
       arrays, n, cfg.sft.batch_size, rng.numpy_seed(cfg.seed, "sft.batches"), buckets
   )
