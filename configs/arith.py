@@ -56,11 +56,12 @@ def get_config(arg: str = ""):
       tie_embeddings=True,
       # Compute dtype ("bfloat16" on TPU: matmuls in bf16, parameters and optimizer state stay
       # float32) and activation rematerialisation per decoder block ("none", "dots", "full");
-      # see configs/common.py RUN_OPTIONS.
+      # see configs/common.py run_options.
       dtype="float32",
       remat="none",
       attention="xla",  # xla, cudnn, einsum or pallas_tpu (dqo_jax/attention.py)
-      logprob_chunk=0,  # see configs/common.py RUN_OPTIONS
+      logprob_chunk=0,  # see configs/common.py run_options
+      lora=common.lora.defaults(),  # rank 0: every weight trains; see configs/common.py
   )
 
   c.mesh.update(data=-1, fsdp=1)  # data parallel: the model is small

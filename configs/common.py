@@ -6,7 +6,7 @@ wherever `dqo_jax` does: from the repository's root.
 
 import ml_collections
 
-from dqo_jax import methods, tasks
+from dqo_jax import lora, methods, tasks
 
 # Presets that fine-tune a pretrained model: its weights and tokenizer come from
 # --config.model.path=DIR (a local copy of the Hugging Face repository named here).
@@ -141,13 +141,19 @@ def task_config(task, *, max_prompt_len, max_response_len):
 # least memory); `attention` is the kernel (dqo_jax/attention.py); `logprob_chunk` > 0 computes
 # the train steps' response log-probs that many positions at a time, so that the float32
 # [batch, response, vocab] logits never exist whole (0: whole; benchmarks/train_steps.py).
-# `--compile_only` shows what each choice costs on a TPU slice (docs/scaling.md).
-RUN_OPTIONS = dict(dtype="bfloat16", remat="none", attention="xla", logprob_chunk=0)
+# `lora`: rank > 0 trains low-rank adapters on the `targets` projections (q, k, v, o, gate, up,
+# down) over one frozen base instead of every weight (dqo_jax/lora.py); rank 0 (the default)
+# trains every weight. `--compile_only` shows what each choice costs on a TPU slice
+# (docs/scaling.md).
+def run_options() -> dict:
+  return dict(
+      dtype="bfloat16", remat="none", attention="xla", logprob_chunk=0, lora=lora.defaults()
+  )
 
 
 def pretrained_model(preset: str):
   """The `model` section of a pretrained preset: `path` is what the user must supply."""
-  return ml_collections.ConfigDict(dict(path="", **RUN_OPTIONS, **PRETRAINED[preset]))
+  return ml_collections.ConfigDict(dict(path="", **run_options(), **PRETRAINED[preset]))
 
 
 def tiny_model():
@@ -166,6 +172,7 @@ def tiny_model():
           attention="xla",
           remat="none",
           logprob_chunk=0,
+          lora=lora.defaults(),
       )
   )
 

@@ -146,6 +146,10 @@ def model_config(config) -> ModelConfig:
   return ModelConfig.from_config(m, config.tokenizer.vocab_size)
 
 
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
 def _shard_bytes(tree) -> int:
   """Bytes one chip holds of a tree of sharded ShapeDtypeStructs."""
   return sum(
@@ -176,10 +180,13 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
   builder = build.build_sft_step if stage == "sft" else build.build_train_step
   built = builder(config, model_cfg, mesh)
   state, batch = built.abstract_state, built.abstract_batch
+  args = (state, batch)
+  args += (built.abstract_base,) if built.adapters else ()  # LoRA's frozen base
   t0 = time.time()
-  step = jit_step(built.step_fn, built.state_shardings, mesh, sharding.logical_rules(config.mesh))
+  rules = sharding.logical_rules(config.mesh)
+  step = jit_step(built.step_fn, built.state_shardings, mesh, rules, built.base_shardings)
   try:
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(*args).compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -215,7 +222,10 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
       device_kind=devices[0].device_kind,
       mesh=dict(mesh.shape),
       model=config.model.get("name") or f"{model_cfg.n_layers}-layer d{model_cfg.d_model}",
-      params=sum(math.prod(x.shape) for x in jax.tree.leaves(states[0].params)),
+      params=_count(built.abstract_base if built.adapters else states[0].params),
+      trained_params=_count([s.params for s in states]),
+      lora_rank=int(config.model.lora.rank) if built.adapters else 0,
+      base_params=_shard_bytes(built.abstract_base),
       method="sft" if stage == "sft" else config.method,
       stage=stage,
       remat=config.model.get("remat", "none"),
@@ -257,7 +267,17 @@ def format_report(r: dict) -> str:
       f"{r['seq_len']} tokens, compute {r['dtype']}, parameters and optimizer state "
       f"{'/'.join(r['state_dtypes'])}, remat {r['remat']}; compiled in {r['compile_s']:.0f}s",
       "memory per chip (compiled.memory_analysis):",
-      f"  policy parameters    {gib(r['policy_params'])}",
+      *(
+          [
+              f"  frozen base          {gib(r['base_params'])}   (the SFT policy, shared by "
+              "both models; also the reference)",
+              f"  LoRA rank {r['lora_rank']}: {r['trained_params'] / 1e6:.2f}M trained parameters",
+          ]
+          if r["lora_rank"]
+          else []
+      ),
+      f"  policy parameters    {gib(r['policy_params'])}"
+      + ("   (adapters)" if r["lora_rank"] else ""),
       f"  value parameters     {gib(r['value_params'])}",
       f"  optimizer state      {gib(r['optimizer_state'])}   (AdamW moments)",
       "  reference parameters     0.00 GiB   (not resident: the batch carries the reference "

@@ -3,6 +3,13 @@
     python -m dqo_jax.convert --from_hf HF_DIR --to OUR_DIR      # safetensors -> Orbax
     python -m dqo_jax.convert --from OUR_DIR --to_hf HF_DIR      # Orbax -> safetensors
     python -m dqo_jax.convert --from OUR_DIR --params WORKDIR/dqo/checkpoints --to_hf HF_DIR
+    python -m dqo_jax.convert --from OUR_DIR --params WORKDIR/sft/checkpoints,WORKDIR/dqo/checkpoints \
+        --to_peft ADAPTER_DIR                                   # LoRA adapters -> PEFT
+
+`--params` lists training checkpoints applied in turn over OUR_DIR's weights: full weights
+replace them, LoRA adapters (a run with `config.model.lora`, whose settings are read from the
+run's WORKDIR/config.json) are folded in; `--to_peft` writes the adapters as one PEFT adapter
+over OUR_DIR's model instead (dqo_jax/peft_format.py).
 
 Each family has one table of (Hugging Face name, our parameter path, rule); `{i}` stands for
 the layer. A rule says how a tensor changes shape between the two layouts (Hugging Face linear
@@ -31,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from dqo_jax import families, hf_config, safetensors_io, sharding
+from dqo_jax import hf_config, lora, safetensors_io, sharding
+from dqo_jax.families import weight_map
+from dqo_jax.peft_format import export_peft
 from dqo_jax.model import ModelConfig, Transformer
 
 # Tensors some checkpoints carry that are not parameters.
@@ -62,15 +71,6 @@ HF_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-def weight_map(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], str]]:
-  """{Hugging Face name: (our parameter path, rule)} for every parameter of `cfg`'s LM model."""
-  out = {}
-  for hf, ours, rule in families.get(cfg.family).weights:
-    for i in range(cfg.n_layers) if "{i}" in hf else [None]:
-      out[hf.format(i=i)] = (tuple(ours.format(i=i).split("/")), rule)
-  return out
 
 
 def abstract_params(cfg: ModelConfig, head: str = "lm"):
@@ -367,8 +367,9 @@ def pretrained_config(path: str | os.PathLike, compute_dtype: str = "float32") -
 
 
 def _restore_trained_params(checkpoints: str, cfg: ModelConfig):
-  """The `params` of the newest training checkpoint (a stage's `checkpoints/` directory, local
-  or in a gs:// workdir)."""
+  """The policy's `params` in the newest training checkpoint (a stage's `checkpoints/`
+  directory, local or in a gs:// workdir), and the run's `config.model.lora` when they are LoRA
+  adapters (else None)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   from dqo_jax.checkpoint import as_path  # pylint: disable=g-import-not-at-top
@@ -379,11 +380,34 @@ def _restore_trained_params(checkpoints: str, cfg: ModelConfig):
     raise FileNotFoundError(f"{checkpoints}: no checkpoint")
   state = mgr.restore(step, args=ocp.args.StandardRestore())
   mgr.close()
-  params = state["params"] if isinstance(state, dict) else state.params
-  want = {p for p, _ in _flatten(nn.meta.unbox(abstract_params(cfg)))}
+  params = state["policy"]["params"] if "policy" in state else state["params"]
   got = {p for p, _ in _flatten(params)}
-  if want != got:
+  if all(lora.is_adapter(p) for p in got):
+    return params, _run_lora(checkpoints)
+  if {p for p, _ in _flatten(nn.meta.unbox(abstract_params(cfg)))} != got:
     raise ValueError(f"{checkpoints}: parameters do not match the model config")
+  return params, None
+
+
+def _run_lora(checkpoints: str):
+  """`config.model.lora` of the run whose checkpoints these are (WORKDIR/<run>/checkpoints)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  path = epath.Path(checkpoints).parent.parent / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{checkpoints} holds LoRA adapters and {path} (their run's config) is missing"
+    )
+  return ml_collections.ConfigDict(json.loads(path.read_text())["model"]["lora"])
+
+
+def _applied(params, checkpoints: list[str], cfg: ModelConfig):
+  """`params` with each checkpoint's weights applied in turn: full ones replace them, LoRA
+  adapters are folded in."""
+  for path in checkpoints:
+    trained, lora_cfg = _restore_trained_params(path, cfg)
+    params = trained if lora_cfg is None else lora.fold(lora.merge(params, trained), lora_cfg)
   return params
 
 
@@ -392,8 +416,15 @@ def main(argv=None) -> int:
   parser.add_argument("--from_hf", help="Hugging Face model directory to import")
   parser.add_argument("--to", help="our directory to write (with --from_hf)")
   parser.add_argument("--from", dest="src", help="our directory (config, params, tokenizer)")
-  parser.add_argument("--params", help="a training stage's checkpoints/ to export instead")
+  parser.add_argument(
+      "--params",
+      default="",
+      help="training checkpoints/ directories (comma-separated) applied in turn over --from",
+  )
   parser.add_argument("--to_hf", help="Hugging Face directory to write (with --from)")
+  parser.add_argument(
+      "--to_peft", help="PEFT adapter directory to write: --params' LoRA adapters over --from"
+  )
   parser.add_argument(
       "--dtype", default=None, help="stored dtype (import: float32; export: bfloat16)"
   )
@@ -412,8 +443,7 @@ def main(argv=None) -> int:
     elif args.src and args.to_hf:
       _check_export_dir(args.to_hf, args.overwrite)  # before minutes of loading
       cfg, params = load_ours(args.src)
-      if args.params:
-        params = _restore_trained_params(args.params, cfg)
+      params = _applied(nn.meta.unbox(params), _listed(args.params), cfg)
       files = os.path.join(args.src, OUR_HF)
       export_hf(
           params,
@@ -425,12 +455,24 @@ def main(argv=None) -> int:
           overwrite=args.overwrite,
       )
       print(f"wrote {args.to_hf}: {cfg.family}, {_count(params) / 1e6:.1f}M parameters")
+    elif args.src and args.to_peft:
+      _check_export_dir(args.to_peft, args.overwrite)
+      cfg = pretrained_config(args.src)
+      adapter_sets = [_restore_trained_params(p, cfg) for p in _listed(args.params)]
+      if not adapter_sets or any(c is None for _, c in adapter_sets):
+        raise ValueError("--to_peft needs --params naming checkpoints of LoRA runs only")
+      export_peft(adapter_sets, cfg, args.to_peft, base_model=os.path.abspath(args.src))
+      print(f"wrote {args.to_peft}: a PEFT LoRA adapter over {args.src}")
     else:
-      parser.error("use --from_hf DIR --to DIR, or --from DIR --to_hf DIR")
+      parser.error("use --from_hf DIR --to DIR, or --from DIR --to_hf DIR / --to_peft DIR")
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
+
+
+def _listed(paths: str) -> list[str]:
+  return [p for p in paths.split(",") if p]
 
 
 def _count(params) -> int:

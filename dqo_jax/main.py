@@ -65,7 +65,7 @@ _TOPOLOGY = flags.DEFINE_string(
 
 
 def check_config(config) -> list[str]:
-  from dqo_jax import config_keys, methods
+  from dqo_jax import config_keys, lora, methods
   from dqo_jax.model import REMAT_POLICIES, unknown_config_keys
   from dqo_jax.stages.context import STAGES
   from dqo_jax.train import accumulate
@@ -93,6 +93,7 @@ def check_config(config) -> list[str]:
   unknown = unknown_config_keys(config.model)
   if unknown:
     raise UserError(f"config.model has no setting {', '.join(unknown)}")
+  lora.check(config)
   remat = config.model.get("remat", "none")
   if remat not in REMAT_POLICIES:
     raise UserError(f"config.model.remat={remat!r}; choose from {', '.join(REMAT_POLICIES)}")

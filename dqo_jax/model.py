@@ -122,8 +122,8 @@ _ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
 # Keys of `config.model` that are not architecture fields: where a pretrained model lives
 # (`path`, read by `dqo_jax.convert.load_pretrained`; `hf_repo` and `name`, which describe a
-# preset) and how the Transformer runs (`remat`, `logprob_chunk`).
-RUN_KEYS = ("path", "name", "hf_repo", "remat", "logprob_chunk")
+# preset) and how it trains (`remat`, `logprob_chunk`, `lora`).
+RUN_KEYS = ("path", "name", "hf_repo", "remat", "logprob_chunk", "lora")
 
 
 def unknown_config_keys(cfg) -> list[str]:
@@ -471,10 +471,14 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   )
 
 
+def policy_trunk(policy_params: Any) -> Any:
+  """The policy's parameters without its language-model head: what the value model shares."""
+  return {k: v for k, v in policy_params.items() if k != "lm_head"}
+
+
 def value_params_from_policy(policy_params: Any, value_init_params: Any) -> Any:
   """The value model's parameters: the policy's trunk plus the value model's fresh head."""
-  trunk = {k: v for k, v in policy_params.items() if k not in ("lm_head",)}
-  return {**trunk, "value_head": value_init_params["value_head"]}
+  return {**policy_trunk(policy_params), "value_head": value_init_params["value_head"]}
 
 
 def count_params(params) -> int:

@@ -49,3 +49,13 @@ def get(name: str) -> Family:
         f"config.json model_type={name!r} is not supported; supported: {', '.join(families)}"
     )
   return families[name]
+
+
+def weight_map(cfg) -> dict[str, tuple[tuple[str, ...], str]]:
+  """{Hugging Face name: (our parameter path, rule)} for every parameter of the LM model of
+  `cfg` (a dqo_jax.model.ModelConfig), its layers spelled out."""
+  out = {}
+  for hf, ours, rule in get(cfg.family).weights:
+    for i in range(cfg.n_layers) if "{i}" in hf else [None]:
+      out[hf.format(i=i)] = (tuple(ours.format(i=i).split("/")), rule)
+  return out

@@ -10,7 +10,7 @@ from dqo_jax.checkpoint import restore_params
 from dqo_jax.data.offline import FIELDS as SAMPLE_FIELDS
 from dqo_jax.data.offline import read_records, write_records
 from dqo_jax.stages.context import Context
-from dqo_jax.train.build import build_train_step, policy_of
+from dqo_jax.train.build import build_train_step
 
 SAMPLES_FILE = "samples.array_record"  # the sample stage's offline dataset
 POTENTIALS_FILE = "potentials.array_record"  # the rollouts stage's Phi(s_t) per sample
@@ -36,7 +36,8 @@ def read_potentials(ctx: Context) -> list[dict]:
 
 
 def trained_policy_params(ctx: Context):
-  """The trained policy of `config.method`, read from its run's newest checkpoint."""
-  # Shapes suffice to describe the state: no need to read the SFT checkpoint again.
-  abstract = build_train_step(ctx.config, ctx.model_cfg, ctx.mesh).abstract_state
-  return policy_of(restore_params(ctx.checkpoint_dir(methods.run_name(ctx.config)), abstract))
+  """The trained policy of `config.method`, read from its run's newest checkpoint (with LoRA:
+  its adapters, folded into the SFT policy, their base)."""
+  step = build_train_step(ctx.config, ctx.model_cfg, ctx.mesh)
+  state = restore_params(ctx.checkpoint_dir(methods.run_name(ctx.config)), step.abstract_state)
+  return step.policy_params(state, ctx.sft_params() if step.adapters else None)

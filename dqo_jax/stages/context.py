@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import os
 
-from dqo_jax import convert, methods, sharding
+from dqo_jax import convert, methods, rng, sharding
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import prompts, tasks
 from dqo_jax.data.batches import Encoded, encode_examples
@@ -14,6 +14,7 @@ from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, Transformer
 from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train import build
+from dqo_jax.train.loop import init_state
 from dqo_jax.workdir import Workdir
 
 STAGES = ("sft", "sample", "rollouts", "train", "eval")
@@ -114,13 +115,21 @@ class Context:
     initial = lambda rng: self.init_params(self.policy_model, rng)
     return build.build_sft_step(self.config, self.model_cfg, self.mesh, initial)
 
-  def sft_abstract_state(self):
-    return self.sft_step().abstract_state
+  def sft_base(self, step: build.TrainStep):
+    """With LoRA in the SFT stage, the base its adapters train over: the pretrained weights, or
+    the fresh ones a full SFT would start from; None without."""
+    if not step.adapters:
+      return None
+    initial = lambda key: self.init_params(self.policy_model, key)
+    return init_state(initial, rng.key(self.config.seed, "sft.init"), step.base_shardings)
 
   def sft_params(self):
-    """The SFT policy: the reference policy and DQO's starting point."""
+    """The SFT policy: the reference policy and DQO's starting point (with LoRA, the SFT
+    adapters folded into their base)."""
+    step = self.sft_step()
     try:
-      return restore_params(self.checkpoint_dir("sft"), self.sft_abstract_state()).params
+      state = restore_params(self.checkpoint_dir("sft"), step.abstract_state)
+      return step.policy_params(state, self.sft_base(step))
     except FileNotFoundError:
       if not os.path.exists(os.path.join(self.workdir, "sft", "DONE.json")):
         raise

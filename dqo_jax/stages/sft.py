@@ -16,6 +16,7 @@ BATCH_KEYS = ("prompt", "prompt_mask", "response", "response_len")
 def run(ctx: Context) -> dict:
   cfg = ctx.config
   step = ctx.sft_step()
+  base = ctx.sft_base(step)  # LoRA's frozen base, else None
   arrays = {k: ctx.gold.arrays[k] for k in BATCH_KEYS}
   n, buckets = len(ctx.gold), int(cfg.sft.length_buckets)
   batch_at = batch_fn(
@@ -34,8 +35,10 @@ def run(ctx: Context) -> dict:
       max_nonfinite=cfg.sft.max_consecutive_nonfinite,
       log_every=cfg.log_every,
       desc="sft",
-      on_log=accuracy_monitor(ctx, lambda state: state.params),
+      on_log=accuracy_monitor(ctx, lambda state: step.policy_params(state, base)),
       checkpoint_dir=ctx.checkpoint_dir("sft"),
       on_save=ctx.copy_up,
+      base=base,
+      base_shardings=step.base_shardings,
   )
   return dict(summary, examples=n)

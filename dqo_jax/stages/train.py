@@ -15,7 +15,7 @@ from dqo_jax.generation import logprobs_of
 from dqo_jax.stages import artifacts
 from dqo_jax.stages.context import Context
 from dqo_jax.stages.measure import accuracy_monitor
-from dqo_jax.train.build import build_train_step, policy_of
+from dqo_jax.train.build import build_train_step
 from dqo_jax.train.loop import fit
 
 
@@ -62,8 +62,12 @@ def run(ctx: Context) -> dict:
       log_every=cfg.log_every,
       desc=name,
       init_args=(sft_params,),
-      on_log=accuracy_monitor(ctx, policy_of, ref_params=sft_params),
+      on_log=accuracy_monitor(
+          ctx, lambda state: step.policy_params(state, sft_params), ref_params=sft_params
+      ),
       checkpoint_dir=ctx.checkpoint_dir(name),
       on_save=ctx.copy_up,
+      base=sft_params if step.adapters else None,
+      base_shardings=step.base_shardings,
   )
   return dict(summary, method=cfg.method, examples=view.size, **view.describe)

@@ -3,7 +3,10 @@
 (`build_train_step`), as MaxText's training and AOT compilation share theirs.
 
 The state starts from the SFT policy (`init_fn(rng, sft_params)`); DQO and DRO add a value model
-with the SFT trunk and a fresh zero head. Nothing here reads a workdir, data or weights.
+with the SFT trunk and a fresh zero head. With LoRA (`config.model.lora`, dqo_jax/lora.py) the
+state holds only the adapters (and the value head) and their optimizer state; the SFT policy is
+the frozen base, passed to the step as a third argument (`step_fn(state, batch, base)`) and held
+once for both models. Nothing here reads a workdir, data or weights.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-from dqo_jax import methods, sharding
+from dqo_jax import lora, methods, sharding
 from dqo_jax.data.offline import offline_arrays
 from dqo_jax.data.views import process_arrays
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
@@ -33,6 +36,15 @@ def models(config, model_cfg: ModelConfig) -> tuple[Transformer, Transformer]:
       model_cfg, head="lm", remat=remat, logprob_chunk=config.model.get("logprob_chunk", 0)
   )
   return policy, Transformer(model_cfg, head="value", remat=remat)
+
+
+def adapted(config, model: Transformer, stage: str = "train") -> Transformer:
+  """`model` with the adapters of `config.model.lora`, or itself where `stage` has none."""
+  return lora.adapt(model, config.model.lora) if lora.enabled(config, stage) else model
+
+
+def _trains_value_leaf(path) -> bool:
+  return lora.is_adapter(path) or path == ("value_head",)
 
 
 def boxed_init(model: Transformer, rng):
@@ -60,6 +72,7 @@ class TrainStep:
   takes_sft_params: bool = True  # init_fn(rng, sft_params), or init_fn(rng) for SFT itself
   # (config, batch sharding) -> the full-width batch the step is compiled for.
   batch_shapes: Callable | None = None  # None: `abstract_batch`, the train stage's
+  adapters: bool = False  # the state holds LoRA adapters; step_fn(state, batch, base)
 
   @functools.cached_property
   def step_fn(self) -> Callable:
@@ -86,6 +99,27 @@ class TrainStep:
     shapes = self.batch_shapes or abstract_batch
     return shapes(self.config, sharding.batch_sharding(self.mesh))
 
+  @functools.cached_property
+  def _abstract_base(self):
+    init = lambda rng: boxed_init(self.policy_model, rng)
+    return abstract_state(init, self.mesh, sharding.logical_rules(self.config.mesh))
+
+  @property
+  def abstract_base(self):
+    """The frozen base's shapes and shardings (an adapter run), else None."""
+    return self._abstract_base[0] if self.adapters else None
+
+  @property
+  def base_shardings(self):
+    return self._abstract_base[1] if self.adapters else None
+
+  def policy_params(self, state, base=None):
+    """The policy's plain parameters in `state`: with adapters, folded into `base`."""
+    params = policy_of(state)
+    if not self.adapters:
+      return params
+    return lora.fold(lora.merge(base, params), self.config.model.lora)
+
 
 def build_train_step(config, model_cfg: ModelConfig, mesh, view: methods.View | None = None):
   """The `train` stage's step of `config.method`; `view` is the method's data where its
@@ -94,46 +128,63 @@ def build_train_step(config, model_cfg: ModelConfig, mesh, view: methods.View | 
   method = methods.of(config)
   t = config.train
   policy_model, value_model = models(config, model_cfg)
+  policy_lora, value_lora = adapted(config, policy_model), adapted(config, value_model)
+  adapters = lora.enabled(config, "train")
   policy_tx = make_optimizer(t.policy_optimizer, t.steps - method.value_warmup(config))
   objective = lambda: method.objective(config, view)
   accum = t.grad_accum_steps
+
+  def policy_params(rng, sft_params):
+    if adapters:  # fresh adapters (B = 0: the SFT policy itself)
+      return lora.split(boxed_init(policy_lora, rng))[1]
+    return sharding.rebox(boxed_init(policy_model, rng), sft_params)
+
+  built = functools.partial(TrainStep, config, policy_model, mesh, adapters=adapters)
   if not method.trains_value:
-
-    def policy_only(rng, sft_params):
-      return TrainState.create(sharding.rebox(boxed_init(policy_model, rng), sft_params), policy_tx)
-
-    step = lambda: policy_step.make_policy_step(policy_model, policy_tx, objective(), accum)
-    return TrainStep(config, policy_model, mesh, policy_only, step)
+    policy_only = lambda rng, sft_params: TrainState.create(
+        policy_params(rng, sft_params), policy_tx
+    )
+    step = lambda: policy_step.make_policy_step(policy_lora, policy_tx, objective(), accum)
+    return built(policy_only, step)
   value_tx = make_optimizer(t.value_optimizer, t.steps)
 
   def policy_and_value(rng, sft_params):
     policy_rng, value_rng = jax.random.split(rng)
-    policy = sharding.rebox(boxed_init(policy_model, policy_rng), sft_params)
-    value = value_params_from(value_model, sft_params, value_rng)
+    if adapters:  # adapters and a fresh zero head over the SFT trunk
+      value = lora.split(boxed_init(value_lora, value_rng), _trains_value_leaf)[1]
+    else:
+      value = value_params_from(value_model, sft_params, value_rng)
     return PolicyValueState(
-        policy=TrainState.create(policy, policy_tx), value=TrainState.create(value, value_tx)
+        policy=TrainState.create(policy_params(policy_rng, sft_params), policy_tx),
+        value=TrainState.create(value, value_tx),
     )
 
   step = lambda: make_policy_value_step(
-      policy_model,
-      value_model,
+      policy_lora,
+      value_lora,
       policy_tx,
       value_tx,
       objective(),
       method.value_warmup(config),
       accum,
   )
-  return TrainStep(config, policy_model, mesh, policy_and_value, step)
+  return built(policy_and_value, step)
 
 
 def build_sft_step(config, model_cfg: ModelConfig, mesh, initial_params=None) -> TrainStep:
   """The `sft` stage's step: the negative log-likelihood of the gold solutions, from
-  `initial_params(rng)` (boxed: a pretrained model's weights) or fresh parameters."""
+  `initial_params(rng)` (boxed: a pretrained model's weights) or fresh parameters; with LoRA
+  those are the frozen base of fresh adapters."""
   policy_model, _ = models(config, model_cfg)
   tx = make_optimizer(config.sft.optimizer, config.sft.steps)
-  initial = initial_params or (lambda rng: boxed_init(policy_model, rng))
-  init = lambda rng: TrainState.create(initial(rng), tx)
-  step = lambda: policy_step.make_sft_step(policy_model, tx, config.sft.grad_accum_steps)
+  adapters = lora.enabled(config, "sft")
+  model = adapted(config, policy_model, "sft")
+  if adapters:  # the initial parameters are the frozen base (`base_params`)
+    init = lambda rng: TrainState.create(lora.split(boxed_init(model, rng))[1], tx)
+  else:
+    initial = initial_params or (lambda rng: boxed_init(policy_model, rng))
+    init = lambda rng: TrainState.create(initial(rng), tx)
+  step = lambda: policy_step.make_sft_step(model, tx, config.sft.grad_accum_steps)
   return TrainStep(
       config,
       policy_model,
@@ -142,6 +193,7 @@ def build_sft_step(config, model_cfg: ModelConfig, mesh, initial_params=None) ->
       step,
       takes_sft_params=False,
       batch_shapes=abstract_sft_batch,
+      adapters=adapters,
   )
 
 

@@ -85,17 +85,19 @@ def init_state(init_fn: Callable, rng, shardings, init_args=()):
   return jax.jit(lambda r, *a: meta.unbox(init_fn(r, *a)), out_shardings=shardings)(rng, *init_args)
 
 
-def jit_step(step_fn: Callable, state_shardings, mesh, rules):
+def jit_step(step_fn: Callable, state_shardings, mesh, rules, base_shardings=None):
   """The step jitted over the mesh: state sharded by its logical axes and donated, batch split
-  over the data axes, activations placed by `rules`, metrics replicated."""
+  over the data axes, activations placed by `rules`, metrics replicated. With `base_shardings`
+  (LoRA) the step takes the frozen base as a third argument, read and never donated."""
 
-  def constrained_step(state, batch):
+  def constrained_step(state, batch, *base):
     with sharding.activation_constraints(mesh, rules):
-      return step_fn(state, batch)
+      return step_fn(state, batch, *base)
 
+  base = () if base_shardings is None else (base_shardings,)
   return jax.jit(
       constrained_step,
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), *base),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0,
   )
@@ -131,11 +133,15 @@ def fit(
     on_log: Callable[[int, dict], dict] | None = None,
     checkpoint_dir: str | None = None,
     on_save: Callable[[], object] | None = None,
+    base=None,
+    base_shardings=None,
 ):
   """Trains and returns (state, summary). Resumes from the checkpoints in `checkpoint_dir`
   (default `<stage_dir>/checkpoints`; a gs:// URL works too) if there are any.
 
-  A fresh state is `init_fn(rng, *init_args)`; `on_log(step, state)` may add metrics, and
+  A fresh state is `init_fn(rng, *init_args)`; with LoRA, `base` (the frozen parameters, laid
+  out by `base_shardings`) is the step's third argument and is not checkpointed, so that a
+  checkpoint holds the adapters alone. `on_log(step, state)` may add metrics, and
   `on_save()` runs after each checkpoint save. The step's metrics include `skipped_updates`
   (1.0 when its update was skipped as non-finite); the summary's counts every step from 0, those
   of the runs this one resumed included (`<stage_dir>/skipped_updates.json`).
@@ -154,7 +160,8 @@ def fit(
   else:
     state = init_state(init_fn, rng, shardings, init_args)
   put = lambda i: sharding.put_batch(batch_at(i), mesh)
-  step_jit = jit_step(step_fn, shardings, mesh, rules)
+  step_jit = jit_step(step_fn, shardings, mesh, rules, base_shardings)
+  frozen = () if base is None else (base,)
   writer = ScalarWriter(stage_dir)
   history, last = [], {}
   skipped_file = os.path.join(stage_dir, SKIPPED_FILE)
@@ -171,7 +178,7 @@ def fit(
     ) as bar:
       batch = put(start) if start < num_steps else None
       for step in range(start, num_steps):
-        state, metrics = step_jit(state, batch)
+        state, metrics = step_jit(state, batch, *frozen)
         if step + 1 < num_steps:
           batch = put(step + 1)  # prepared while the device runs this step
         # The one read of every step: deciding to stop needs it now, not at the next log.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from dqo_jax import bandit_losses
+from dqo_jax import bandit_losses, lora
 from dqo_jax.losses import sequence_nll
 from dqo_jax.model import Transformer
 from dqo_jax.train import accumulate
@@ -29,11 +29,12 @@ def make_policy_step(
 
   The model runs on `grad_accum_steps` micro-batches (`dqo_jax.train.accumulate`); the objective
   always sees the whole batch. `accum_key` names the setting in error messages. A step whose
-  loss or gradient is not finite leaves the state as it was (skipped_updates 1).
+  loss or gradient is not finite leaves the state as it was (skipped_updates 1). With LoRA the
+  state's parameters are the adapters and `base` the frozen rest (`dqo_jax.lora`).
   """
-  logprobs = lambda p, b: response_logprobs(model, p, b)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, base=None):
+    logprobs = lambda p, b: response_logprobs(model, lora.merge(base, p), b)
     logp, pullback = accumulate.vjp(logprobs, state.params, batch, grad_accum_steps, accum_key)
     (loss, metrics), d_logp = jax.value_and_grad(objective, has_aux=True)(logp, batch)
     (grads,) = pullback(d_logp)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dqo_jax.model import Transformer
+from dqo_jax import lora
+from dqo_jax.model import Transformer, policy_trunk
 from dqo_jax.train import accumulate
 from dqo_jax.train.forward import response_logprobs, response_values
 from dqo_jax.train.state import TrainState, keep_if_finite
@@ -48,12 +49,14 @@ def make_policy_value_step(
   a non-finite loss or gradient updates neither model (skipped_updates 1).
 
   Both models run on `grad_accum_steps` micro-batches (`dqo_jax.train.accumulate`); the
-  objective always sees the whole batch."""
-  logprobs = lambda p, b: response_logprobs(policy_model, p, b)
-  value_fn = lambda p, b: response_values(value_model, p, b)
+  objective always sees the whole batch. With LoRA the states hold adapters (and the value
+  head), and `base`, the frozen SFT policy, serves both models (`dqo_jax.lora`)."""
   key = "config.train.grad_accum_steps"
 
-  def step(state: PolicyValueState, batch):
+  def step(state: PolicyValueState, batch, base=None):
+    value_base = None if base is None else policy_trunk(base)
+    logprobs = lambda p, b: response_logprobs(policy_model, lora.merge(base, p), b)
+    value_fn = lambda p, b: response_values(value_model, lora.merge(value_base, p), b)
     logp, policy_vjp = accumulate.vjp(logprobs, state.policy.params, batch, grad_accum_steps, key)
     values, value_vjp = accumulate.vjp(value_fn, state.value.params, batch, grad_accum_steps, key)
     policy_loss, value_loss, metrics = objective(logp, values, batch, state.value.step)

@@ -1,0 +1,192 @@
+"""LoRA adapters (`config.model.lora`, dqo_jax/lora.py): an adapted model starts equal to its
+base; folded adapters give the adapted forward; every method's step trains the adapters (and a
+value head) alone, over a base passed in and never changed; an adapter run resumes bit for bit
+from checkpoints that hold the adapters alone."""
+
+import ast
+import json
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.arith import get_config
+from dqo_jax import lora, methods, sharding
+from dqo_jax.model import ModelConfig, policy_trunk
+from dqo_jax.train import build
+from dqo_jax.train.forward import response_logprobs, response_values
+from dqo_jax.train.loop import fit
+from helpers import random_batch
+
+RANK = 4
+VOCAB = 32
+
+
+def _config(method="dqo", rank=RANK, **lora_cfg):
+  c = get_config("tiny")
+  c.method = method
+  c.model.lora.update(rank=rank, **lora_cfg)
+  c.data.update(max_prompt_len=6, max_response_len=7)
+  c.train.update(batch_size=8, steps=6)
+  return c
+
+
+def _setup(config, devices=1):
+  model_cfg = ModelConfig.from_config(config.model, VOCAB)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:devices])
+  step = build.build_train_step(config, model_cfg, mesh)
+  base = nn.meta.unbox(build.boxed_init(step.policy_model, jax.random.key(1)))
+  return step, base
+
+
+def _flat(tree):
+  return {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def _randomised(params, rng):
+  """Adapters with B no longer zero, as after training."""
+  return jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(x.dtype), params)
+
+
+def _models(config):
+  policy, value = build.models(config, ModelConfig.from_config(config.model, VOCAB))
+  return policy, value, build.adapted(config, policy), build.adapted(config, value)
+
+
+def _batch(seed=0, b=4):
+  return jax.tree.map(jnp.asarray, random_batch(np.random.default_rng(seed), b=b))
+
+
+def test_an_adapted_model_starts_equal_to_its_base():
+  step, base = _setup(_config())
+  state = nn.meta.unbox(step.init_fn(jax.random.key(2), base))
+  policy, value, adapted_policy, adapted_value = _models(step.config)
+  batch = _batch()
+  got = response_logprobs(adapted_policy, lora.merge(base, state.policy.params), batch)
+  np.testing.assert_array_equal(got, response_logprobs(policy, base, batch))
+  # A head that is not zero, so that the values say something about the trunk.
+  head = 0.5 * jax.random.normal(jax.random.key(3), state.value.params["value_head"].shape)
+  value_params = lora.merge(policy_trunk(base), {**state.value.params, "value_head": head})
+  got = response_values(adapted_value, value_params, batch)
+  np.testing.assert_array_equal(got, response_values(value, lora.split(value_params)[0], batch))
+  assert np.abs(np.asarray(got)).max() > 0
+
+
+@pytest.mark.parametrize("targets", ["q,k,v,o,gate,up,down", "q,v"])
+def test_folded_adapters_give_the_adapted_forward(targets):
+  step, base = _setup(_config(targets=targets))
+  state = nn.meta.unbox(step.init_fn(jax.random.key(2), base))
+  adapters = _randomised(state.policy.params, np.random.default_rng(0))
+  policy, _, adapted_policy, _ = _models(step.config)
+  batch = _batch()
+  merged = lora.merge(base, adapters)
+  unfolded = response_logprobs(adapted_policy, merged, batch)
+  folded = response_logprobs(policy, lora.fold(merged, step.config.model.lora), batch)
+  np.testing.assert_allclose(folded, unfolded, atol=1e-5, rtol=0)
+  # and the adapters matter: the folded model is not the base
+  assert np.abs(np.asarray(folded - response_logprobs(policy, base, batch))).max() > 1e-3
+  adapted = {k.rsplit("/", 2)[-2] for k in _flat(adapters)}
+  assert adapted == set(targets.split(","))
+
+
+def _full_width_batch(step, seed):
+  """Random data in the layout the method's step is compiled for."""
+  rng = np.random.default_rng(seed)
+  shapes = step.abstract_batch
+  out = {}
+  for k, s in shapes.items():
+    if k == "response_len":
+      out[k] = rng.integers(1, shapes["response"].shape[1] + 1, s.shape).astype(s.dtype)
+    elif k == "prompt_mask":
+      out[k] = np.ones(s.shape, s.dtype)
+    elif k in ("prompt", "response"):
+      out[k] = rng.integers(4, VOCAB, s.shape).astype(s.dtype)
+    elif np.issubdtype(s.dtype, np.floating):
+      out[k] = -rng.uniform(0, 2, s.shape).astype(s.dtype)
+    else:
+      out[k] = rng.integers(0, 2, s.shape).astype(s.dtype)
+  return out
+
+
+@pytest.mark.parametrize("label", list(methods.compare_labels()))
+def test_every_method_trains_the_adapters_alone(label):
+  config = _config()
+  for key, value in methods.compare_labels()[label].items():
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+  step, base = _setup(config)
+  state = nn.meta.unbox(step.init_fn(jax.random.key(2), base))
+  trained = {**_flat(build.policy_of(state))}
+  if hasattr(state, "value"):
+    trained.update({f"value/{k}": v for k, v in _flat(state.value.params).items()})
+  assert trained and all(k.endswith(("_lora_a", "_lora_b", "value_head")) for k in trained)
+  starts_at_zero = [k for k in trained if k.endswith(("_lora_b", "value_head"))]
+  assert all(not trained[k].any() for k in starts_at_zero)
+  base_before = jax.tree.map(np.asarray, base)
+  step_fn = jax.jit(step.step_fn)
+  for i in range(2):
+    state, metrics = step_fn(state, jax.tree.map(jnp.asarray, _full_width_batch(step, i)), base)
+  assert float(metrics["skipped_updates"]) == 0
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  jax.tree.map(np.testing.assert_array_equal, base, base_before)
+  # Every B (and the value head) has moved: gradients reach both models' adapters.
+  after = {**_flat(build.policy_of(state))}
+  if hasattr(state, "value"):
+    after.update({f"value/{k}": v for k, v in _flat(state.value.params).items()})
+  assert [k for k in starts_at_zero if not after[k].any()] == []
+  # The trained policy differs from the base only in the targeted kernels, by rank <= RANK.
+  policy = _flat(step.policy_params(state, base))
+  plain = _flat(base)
+  assert policy.keys() == plain.keys()
+  changed = [k for k in plain if not np.array_equal(policy[k], plain[k])]
+  assert changed and all(k.rsplit("/", 2)[-2] in lora.TARGETS for k in changed)
+  for k in changed:
+    delta = (policy[k] - plain[k]).astype(np.float64)
+    matrix = (
+        delta.reshape(-1, delta.shape[-1])
+        if k.endswith("o/kernel")
+        else delta.reshape(delta.shape[0], -1)
+    )
+    assert np.linalg.matrix_rank(matrix, tol=1e-6) <= RANK
+
+
+def _fit(workdir, step, base, steps):
+  return fit(
+      stage_dir=str(workdir),
+      init_fn=step.init_fn,
+      step_fn=step.step_fn,
+      batch_at=lambda i: _full_width_batch(step, i),
+      num_steps=steps,
+      mesh=step.mesh,
+      rules=sharding.logical_rules(step.config.mesh),
+      rng=jax.random.key(0),
+      checkpoint_cfg=ml_collections.ConfigDict(dict(every=2, keep=5)),
+      max_nonfinite=10,
+      log_every=2,
+      desc="lora",
+      init_args=(base,),
+      base=base,
+      base_shardings=step.base_shardings,
+  )
+
+
+def test_an_adapter_run_resumes_bit_for_bit_from_checkpoints_of_the_adapters_alone(tmp_path):
+  """Over two devices (the batch split in two): six steps straight, and three steps then a
+  restart that resumes at step 3, end equal; the checkpoints hold no base weight."""
+  step, base = _setup(_config(), devices=2)
+  base = jax.device_put(base, step.base_shardings)
+  straight, _ = _fit(tmp_path / "straight", step, base, 6)
+  _fit(tmp_path / "resumed", step, base, 3)
+  resumed, summary = _fit(tmp_path / "resumed", step, base, 6)
+  assert summary["resumed_from"] == 3
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # What Orbax wrote: adapters, the value head and their optimizer moments; steps and counts.
+  with open(tmp_path / "resumed" / "checkpoints" / "6" / "default" / "_METADATA") as f:
+    saved = [ast.literal_eval(k) for k in json.load(f)["tree_metadata"]]
+  arrays = [k for k in saved if k[-1] not in ("step", "count") and not k[-1].isdigit()]
+  assert arrays and all(k[-1].endswith(("_lora_a", "_lora_b", "value_head")) for k in arrays)
