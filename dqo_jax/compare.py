@@ -54,6 +54,12 @@ _METHODS = flags.DEFINE_list(
     + ").",
 )
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method (0 .. seeds-1).")
+_LORA_RANKS = flags.DEFINE_list(
+    "lora_ranks",
+    [],
+    "Also run each method with LoRA adapters of these ranks (labels METHOD_loraR) over the same "
+    "SFT start, which trains every weight (config.model.lora, dqo_jax/lora.py).",
+)
 _ABLATIONS = flags.DEFINE_bool("ablations", False, "Also run the DQO ablations in ABLATIONS.")
 _ABLATION_SEEDS = flags.DEFINE_integer("ablation_seeds", 1, "Seeds per ablation.")
 _SPLIT = flags.DEFINE_enum(
@@ -463,6 +469,9 @@ def main(argv):
     print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
     sys.exit(2)
   runs = {m: (METHODS[m], _SEEDS.value) for m in _METHODS.value}
+  for rank in map(int, _LORA_RANKS.value):
+    adapters = {"model.lora.rank": rank, "model.lora.stages": "train"}
+    runs.update({f"{m}_lora{rank}": (METHODS[m] | adapters, _SEEDS.value) for m in _METHODS.value})
   if _ABLATIONS.value:
     runs.update({k: (v, _ABLATION_SEEDS.value) for k, v in ABLATIONS.items()})
   try:
