@@ -9,7 +9,11 @@
 `--params` lists training checkpoints applied in turn over OUR_DIR's weights: full weights
 replace them, LoRA adapters (a run with `config.model.lora`, whose settings are read from the
 run's WORKDIR/config.json) are folded in; `--to_peft` writes the adapters as one PEFT adapter
-over OUR_DIR's model instead (dqo_jax/peft_format.py).
+over OUR_DIR's model instead (dqo_jax/peft_format.py). A PEFT adapter trained elsewhere is
+folded into OUR_DIR's weights as a new directory, for `config.model.path` (evaluation or
+further training):
+
+    python -m dqo_jax.convert --from OUR_DIR --peft ADAPTER_DIR --to NEW_OUR_DIR
 
 Each family has one table of (Hugging Face name, our parameter path, rule); `{i}` stands for
 the layer. A rule says how a tensor changes shape between the two layouts (Hugging Face linear
@@ -35,12 +39,13 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from dqo_jax import hf_config, lora, safetensors_io, sharding
 from dqo_jax.families import weight_map
-from dqo_jax.peft_format import export_peft
+from dqo_jax.peft_format import export_peft, import_peft
 from dqo_jax.model import ModelConfig, Transformer
 
 # Tensors some checkpoints carry that are not parameters.
@@ -392,7 +397,6 @@ def _restore_trained_params(checkpoints: str, cfg: ModelConfig):
 def _run_lora(checkpoints: str):
   """`config.model.lora` of the run whose checkpoints these are (WORKDIR/<run>/checkpoints)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
 
   path = epath.Path(checkpoints).parent.parent / "config.json"
   if not path.exists():
@@ -414,7 +418,7 @@ def _applied(params, checkpoints: list[str], cfg: ModelConfig):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m dqo_jax.convert", description=__doc__)
   parser.add_argument("--from_hf", help="Hugging Face model directory to import")
-  parser.add_argument("--to", help="our directory to write (with --from_hf)")
+  parser.add_argument("--to", help="our directory to write (with --from_hf, or --from --peft)")
   parser.add_argument("--from", dest="src", help="our directory (config, params, tokenizer)")
   parser.add_argument(
       "--params",
@@ -425,6 +429,7 @@ def main(argv=None) -> int:
   parser.add_argument(
       "--to_peft", help="PEFT adapter directory to write: --params' LoRA adapters over --from"
   )
+  parser.add_argument("--peft", help="a PEFT LoRA adapter directory to fold into --from (--to)")
   parser.add_argument(
       "--dtype", default=None, help="stored dtype (import: float32; export: bfloat16)"
   )
@@ -440,6 +445,14 @@ def main(argv=None) -> int:
       cfg, params = import_hf(args.from_hf, dtype=args.dtype or "float32")
       save_ours(params, cfg, args.to, hf_files_from=args.from_hf)
       print(f"wrote {args.to}: {cfg.family}, {_count(params) / 1e6:.1f}M parameters")
+    elif args.src and args.peft and args.to:
+      cfg, params = load_ours(args.src)
+      adapters, lora_cfg = import_peft(args.peft, cfg)
+      params = lora.fold(
+          lora.merge(nn.meta.unbox(params), adapters), ml_collections.ConfigDict(lora_cfg)
+      )
+      save_ours(params, cfg, args.to, hf_files_from=os.path.join(args.src, OUR_HF))
+      print(f"wrote {args.to}: {args.src} with the adapter {args.peft} folded in")
     elif args.src and args.to_hf:
       _check_export_dir(args.to_hf, args.overwrite)  # before minutes of loading
       cfg, params = load_ours(args.src)

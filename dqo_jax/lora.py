@@ -11,6 +11,8 @@ policy. `fold` writes the adapters into the kernels for sampling and export.
 
 from __future__ import annotations
 
+import difflib
+
 import flax.linen as nn
 import flax.traverse_util
 import jax.numpy as jnp
@@ -66,16 +68,20 @@ def check(config) -> None:
   lora = config.model.get("lora")
   if lora is None:
     return
+  for key in lora:
+    if key not in defaults():
+      near = difflib.get_close_matches(key, list(defaults()), n=1)
+      hint = f" (did you mean {near[0]!r}?)" if near else ""
+      raise UserError(f"config.model.lora has no setting {key}{hint}")
   if not isinstance(lora.rank, int) or lora.rank < 0:
     raise UserError(f"config.model.lora.rank={lora.rank!r} must be 0 (off) or a positive rank")
-  if lora.rank:
-    targets(lora)
-    if not lora.alpha > 0:
-      raise UserError(f"config.model.lora.alpha={lora.alpha!r} must be positive")
-    if not _stages(lora) or set(_stages(lora)) - set(STAGES):
-      raise UserError(
-          f"config.model.lora.stages={lora.stages!r}; name one or both of {', '.join(STAGES)}"
-      )
+  targets(lora)
+  if not lora.alpha > 0:
+    raise UserError(f"config.model.lora.alpha={lora.alpha!r} must be positive")
+  if not _stages(lora) or set(_stages(lora)) - set(STAGES):
+    raise UserError(
+        f"config.model.lora.stages={lora.stages!r}; name one or both of {', '.join(STAGES)}"
+    )
 
 
 def adapt(model: nn.Module, lora_cfg) -> nn.Module:

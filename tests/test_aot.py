@@ -4,13 +4,13 @@ Needs libtpu, which the README's test command installs into aot.LIBTPU_DIR
 (requirements-aot.txt): without it the compile test fails, it does not skip.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from configs.arith import get_config
 from dqo_jax import aot
 from dqo_jax.errors import UserError
 
@@ -18,10 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _arith_tiny():
-  spec = importlib.util.spec_from_file_location("arith", os.path.join(ROOT, "configs", "arith.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  return get_config("tiny")
 
 
 @pytest.mark.parametrize(
@@ -81,6 +78,21 @@ def test_compile_only_reports_memory_and_flops_of_the_dqo_step():
   # libtpu's TPU_* placeholders must not leak to child processes (which would then start
   # jax.distributed as hosts of a pod).
   assert tpu_env() == env
+
+
+def test_compile_only_reports_the_adapters_and_the_frozen_base_of_a_lora_run():
+  config = _arith_tiny()
+  config.mesh.update(data=2, fsdp=-1, tensor=1)
+  full = aot.compile_step(config, "v4-8")
+  config.model.lora.rank = 2
+  for stage in ("sft", "train"):
+    r = aot.compile_step(config, "v4-8", stage)
+    assert r["lora_rank"] == 2 and r["params"] == full["params"]
+    assert 0 < r["trained_params"] < r["params"] / 2
+    # The base is held once, in the step's arguments; the state holds the adapters.
+    assert 0 < r["policy_params"] < r["base_params"] <= r["arguments"]
+    assert r["optimizer_state"] < full["optimizer_state"] / 2
+    assert "frozen base" in aot.format_report(r)
 
 
 def test_compile_only_compiles_the_sft_step_and_every_methods_step(capsys):

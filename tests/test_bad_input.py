@@ -256,6 +256,9 @@ def test_redo_knows_every_run_directory():
         ("model.remat", "some", "choose from none, full, dots"),
         ("model.d_modle", 256, "config.model has no setting d_modle (did you mean 'd_model'?)"),
         ("dqo.lam", 1.5, "config.dqo.lam=1.5 must lie in [0, 1]"),
+        ("model.lora.rnk", 4, "config.model.lora has no setting rnk (did you mean 'rank'?)"),
+        ("model.lora.targets", "q,x", "config.model.lora.targets='q,x'; name some of q, k, v"),
+        ("model.lora.stages", "rl", "config.model.lora.stages='rl'; name one or both of sft"),
     ],
 )
 def test_check_config_names_the_bad_setting(key, value, expected):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import attention, grading, padding, returns, run, train_steps
+from benchmarks import attention, grading, lora, padding, returns, run, train_steps
 from dqo_jax.rewards import grade_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # donation on CPU
@@ -26,12 +26,13 @@ def _check(rows):
     "rows_fn",
     [
         lambda: train_steps.rows(True, size="tiny"),
+        lambda: lora.rows(True, size="tiny"),
         lambda: attention.rows(True, lengths=(16,)),
         lambda: returns.rows(True),
         lambda: padding.rows(True),
         lambda: grading.rows(True),
     ],
-    ids=["train_steps", "attention", "returns", "padding", "grading"],
+    ids=["train_steps", "lora", "attention", "returns", "padding", "grading"],
 )
 def test_rows(rows_fn):
   _check(rows_fn())

@@ -128,7 +128,8 @@ def _save_run(workdir, run, state, lora_cfg):
 
 def test_the_cli_exports_the_adapters_of_a_workdir_merged_and_as_peft(family, tmp_path):
   """SFT adapters (a policy-only state) then DQO adapters (a policy-value state) over OUR_DIR:
-  --to_hf folds both, --to_peft stacks them; transformers and peft give our logits."""
+  --to_hf folds both, --to_peft stacks them; transformers and peft give our logits; --peft
+  folds the PEFT adapter back into a directory of ours."""
   path, cfg, base = family
   ours_dir = tmp_path / "ours"
   assert convert.main(["--from_hf", str(path), "--to", str(ours_dir)]) == 0
@@ -153,3 +154,8 @@ def test_the_cli_exports_the_adapters_of_a_workdir_merged_and_as_peft(family, tm
     theirs = hf.float().eval()(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
   assert np.abs(ours - theirs).max() <= 1e-4
   assert np.abs(ours - _peft_logits(path, adapter, tokens)).max() <= 1e-4
+  # The PEFT adapter folded back into OUR_DIR: a model directory for config.model.path.
+  folded = tmp_path / "folded"
+  assert convert.main(["--from", str(ours_dir), "--peft", str(adapter), "--to", str(folded)]) == 0
+  _, params = convert.load_ours(folded)
+  np.testing.assert_allclose(_ours(cfg, nn.meta.unbox(params), tokens), ours, atol=1e-4, rtol=0)
