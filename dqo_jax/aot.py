@@ -283,7 +283,9 @@ def format_report(r: dict) -> str:
       "  reference parameters     0.00 GiB   (not resident: the batch carries the reference "
       "log-probs the sample stage computed)",
       f"  batch                {gib(r['batch_bytes'])}",
-      f"  arguments            {gib(r['arguments'])}   (state + batch; the state is donated)",
+      f"  arguments            {gib(r['arguments'])}   (state + "
+      + ("frozen base + " if r["lora_rank"] else "")
+      + "batch; the state is donated)",
       f"  temporaries          {gib(r['temporaries'])}",
       f"  outputs not aliased  {gib(r['outputs'] - r['aliased'])}",
       f"  generated code       {gib(r['code'])}",
