@@ -1,7 +1,10 @@
 """What several test files share: a tiny model, the default config's sharding rules, optimizer
-and DQO settings, random batches in the project's layout, and a DQO train step to run."""
+and DQO settings, random batches in the project's layout, a DQO train step to run, and what a
+checkpoint saved."""
 
+import ast
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -81,3 +84,12 @@ def dqo_setup(grad_accum_steps=1):
 
   step = make_dqo_step(policy, value, ptx, vtx, DQO, grad_accum_steps=grad_accum_steps)
   return init_fn, step, policy, value
+
+
+def saved_arrays(checkpoints) -> list[tuple[str, ...]]:
+  """The paths of the arrays Orbax saved in the newest step of a `checkpoints/` directory
+  (steps and optimizer counters left out)."""
+  step = max(int(d.name) for d in checkpoints.iterdir() if d.name.isdigit())
+  with open(checkpoints / str(step) / "default" / "_METADATA") as f:
+    saved = [ast.literal_eval(k) for k in json.load(f)["tree_metadata"]]
+  return [k for k in saved if k[-1] not in ("step", "count") and not k[-1].isdigit()]

@@ -1,11 +1,7 @@
 """LoRA adapters (`config.model.lora`, dqo_jax/lora.py): an adapted model starts equal to its
 base; folded adapters give the adapted forward; every method's step trains the adapters (and a
 value head) alone, over a base passed in and never changed; an adapter run resumes bit for bit
-from checkpoints that hold the adapters alone."""
-
-import ast
-import json
-import subprocess
+from checkpoints that hold the adapters alone. The pipeline with adapters: test_lora_pipeline.py."""
 
 import flax.linen as nn
 import flax.traverse_util
@@ -21,8 +17,7 @@ from dqo_jax.model import ModelConfig, policy_trunk
 from dqo_jax.train import build
 from dqo_jax.train.forward import response_logprobs, response_values
 from dqo_jax.train.loop import fit
-import tiny_run
-from helpers import random_batch
+from helpers import random_batch, saved_arrays
 
 RANK = 4
 VOCAB = 32
@@ -188,34 +183,5 @@ def test_an_adapter_run_resumes_bit_for_bit_from_checkpoints_of_the_adapters_alo
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(a, b)
   # What Orbax wrote: adapters, the value head and their optimizer moments; steps and counts.
-  arrays = _saved_leaves(tmp_path / "resumed" / "checkpoints")
+  arrays = saved_arrays(tmp_path / "resumed" / "checkpoints")
   assert arrays and all(k[-1].endswith(("_lora_a", "_lora_b", "value_head")) for k in arrays)
-
-
-def _saved_leaves(checkpoints):
-  step = max(int(d.name) for d in checkpoints.iterdir() if d.name.isdigit())
-  with open(checkpoints / str(step) / "default" / "_METADATA") as f:
-    saved = [ast.literal_eval(k) for k in json.load(f)["tree_metadata"]]
-  return [k for k in saved if k[-1] not in ("step", "count") and not k[-1].isdigit()]
-
-
-def test_the_pipeline_trains_adapters_in_sft_and_dqo(tmp_path):
-  """The command a user runs, with adapters: SFT's over the fresh model, DQO's over the SFT
-  policy; both stages' checkpoints hold adapters (and DQO's value head) alone, and the
-  evaluation reads the folded policies."""
-  proc = subprocess.run(
-      tiny_run.command(tmp_path, "--config.model.lora.rank=4"),
-      cwd=tiny_run.ROOT,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  for run in ("sft", "dqo"):
-    saved = _saved_leaves(tmp_path / run / "checkpoints")
-    assert saved and all(k[-1].endswith(("_lora_a", "_lora_b", "value_head")) for k in saved)
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert set(results) == {"sft", "dqo"}
-  # The samples were drawn from the folded SFT policy whose log-probs are the reference.
-  sample = json.loads((tmp_path / "sample" / "DONE.json").read_text())["summary"]
-  assert sample["max_abs_behaviour_minus_reference_logprob"] < 1e-4
