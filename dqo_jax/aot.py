@@ -193,8 +193,9 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
     first = next(l for l in str(e).splitlines() if l.strip())
     raise UserError(
         f"the {stage} step does not fit on {topology} (mesh {dict(mesh.shape)}): "
-        f"{first.strip()}; try --config.model.remat=full, more fsdp/tensor ways, a smaller batch "
-        "or a larger slice"
+        f"{first.strip()}; try --config.model.remat=full, micro-batches "
+        f"(--config.{stage}.grad_accum_steps), LoRA adapters (--config.model.lora.rank=16), "
+        "more fsdp/tensor ways, a smaller batch or a larger slice"
     ) from None
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
