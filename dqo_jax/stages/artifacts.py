@@ -35,9 +35,10 @@ def read_potentials(ctx: Context) -> list[dict]:
   return read_records(path, stage="rollouts", fields=POTENTIAL_FIELDS)
 
 
-def trained_policy_params(ctx: Context):
+def trained_policy_params(ctx: Context, sft_params=None):
   """The trained policy of `config.method`, read from its run's newest checkpoint (with LoRA:
-  its adapters, folded into the SFT policy, their base)."""
+  its adapters, folded into the SFT policy, their base: `sft_params()`, by default read from
+  the SFT checkpoint)."""
   step = build_train_step(ctx.config, ctx.model_cfg, ctx.mesh)
   state = restore_params(ctx.checkpoint_dir(methods.run_name(ctx.config)), step.abstract_state)
-  return step.policy_params(state, ctx.sft_params() if step.adapters else None)
+  return step.policy_params(state, (sft_params or ctx.sft_params)() if step.adapters else None)

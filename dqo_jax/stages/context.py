@@ -110,18 +110,20 @@ class Context:
     path, dtype = self.config.model.path, self.config.model.dtype
     return convert.load_pretrained_params(path, self.mesh, self.rules, compute_dtype=dtype)[1]
 
+  def _initial_policy(self, key):
+    return self.init_params(self.policy_model, key)
+
   def sft_step(self) -> build.TrainStep:
     """The SFT stage's step, from the pretrained weights when `config.model.path` is set."""
-    initial = lambda rng: self.init_params(self.policy_model, rng)
-    return build.build_sft_step(self.config, self.model_cfg, self.mesh, initial)
+    return build.build_sft_step(self.config, self.model_cfg, self.mesh, self._initial_policy)
 
   def sft_base(self, step: build.TrainStep):
     """With LoRA in the SFT stage, the base its adapters train over: the pretrained weights, or
     the fresh ones a full SFT would start from; None without."""
     if not step.adapters:
       return None
-    initial = lambda key: self.init_params(self.policy_model, key)
-    return init_state(initial, rng.key(self.config.seed, "sft.init"), step.base_shardings)
+    key = rng.key(self.config.seed, "sft.init")
+    return init_state(self._initial_policy, key, step.base_shardings)
 
   def sft_params(self):
     """The SFT policy: the reference policy and DQO's starting point (with LoRA, the SFT

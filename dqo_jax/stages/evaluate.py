@@ -97,7 +97,9 @@ def run(ctx: Context) -> dict:
   sft_params = functools.cache(ctx.sft_params)
   results = {
       "sft": _evaluate(ctx, "sft", sft_params, sft_params),
-      name: _evaluate(ctx, name, lambda: artifacts.trained_policy_params(ctx), sft_params),
+      name: _evaluate(
+          ctx, name, lambda: artifacts.trained_policy_params(ctx, sft_params), sft_params
+      ),
   }
   results = {r: dict(result, skipped_updates=skipped[r]) for r, result in results.items()}
   results_file = os.path.join(ctx.workdir, "results.json")
