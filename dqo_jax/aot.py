@@ -151,9 +151,10 @@ def _count(tree) -> int:
 
 
 def _shard_bytes(tree) -> int:
-  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs."""
+  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (4-bit types packed two to a
+  byte, as TPUs store them)."""
   return sum(
-      math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+      math.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8
       for x in jax.tree.leaves(tree)
   )
 
@@ -223,9 +224,12 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
       device_kind=devices[0].device_kind,
       mesh=dict(mesh.shape),
       model=config.model.get("name") or f"{model_cfg.n_layers}-layer d{model_cfg.d_model}",
-      params=_count(built.abstract_base if built.adapters else states[0].params),
+      params=_count(
+          jax.eval_shape(lambda: build.boxed_init(built.policy_model, jax.random.key(0)))
+      ),
       trained_params=_count([s.params for s in states]),
       lora_rank=int(config.model.lora.rank) if built.adapters else 0,
+      base_qtype=config.model.lora.base_qtype if built.adapters else "",
       base_params=_shard_bytes(built.abstract_base),
       method="sft" if stage == "sft" else config.method,
       stage=stage,
@@ -271,7 +275,9 @@ def format_report(r: dict) -> str:
       *(
           [
               f"  frozen base          {gib(r['base_params'])}   (the SFT policy, shared by "
-              "both models; also the reference)",
+              "both models; also the reference"
+              + (f"; its projections in {r['base_qtype']}" if r.get("base_qtype") else "")
+              + ")",
               f"  LoRA rank {r['lora_rank']}: {r['trained_params'] / 1e6:.2f}M trained parameters",
           ]
           if r["lora_rank"]

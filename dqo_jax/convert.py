@@ -411,7 +411,11 @@ def _applied(params, checkpoints: list[str], cfg: ModelConfig):
   adapters are folded in."""
   for path in checkpoints:
     trained, lora_cfg = _restore_trained_params(path, cfg)
-    params = trained if lora_cfg is None else lora.fold(lora.merge(params, trained), lora_cfg)
+    if lora_cfg is None:
+      params = trained
+    else:  # over the base as the run read it (quantized: QLoRA)
+      base = lora.quantize_base(Transformer(cfg), params, lora_cfg)
+      params = lora.fold(lora.merge(base, trained), lora_cfg)
   return params
 
 

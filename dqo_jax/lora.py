@@ -7,6 +7,10 @@ names, so they shard by the same rules. B starts at zero: an adapted model start
 base. A run with adapters trains only them (and a value model's scalar head); the base, the SFT
 policy, is held once and shared by the policy and the value model, and it is also the reference
 policy. `fold` writes the adapters into the kernels for sampling and export.
+
+With `base_qtype` (QLoRA) the targeted kernels of the base are stored quantized by qwix (int8,
+int4 or NF4, per output channel or in tiles of `base_tile_size` input rows) and dequantized in
+each forward pass; the adapters, norms, embedding and value head stay float.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import difflib
 
 import flax.linen as nn
 import flax.traverse_util
+import jax
 import jax.numpy as jnp
 import qwix
 
@@ -34,13 +39,23 @@ _SUFFIXES = ("_lora_a", "_lora_b")
 
 
 STAGES = ("sft", "train")
+QTYPES = ("", "int8", "int4", "nf4")  # "": the base stays in its stored dtype
 
 
 def defaults() -> dict:
   """`config.model.lora`: rank 0 trains every weight (no adapters)."""
   # stages: those of the training stages that train adapters; the others train every weight
   # (e.g. "train" after an SFT from scratch, which has no pretrained base to adapt).
-  return dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down", stages="sft,train")
+  return dict(
+      rank=0,
+      alpha=16.0,
+      dropout=0.0,
+      targets="q,k,v,o,gate,up,down",
+      stages="sft,train",
+      base_qtype="",
+      base_tile_size=0,
+      init_from="",
+  )
 
 
 def enabled(config, stage: str = "train") -> bool:
@@ -78,19 +93,90 @@ def check(config) -> None:
   targets(lora)
   if not lora.alpha > 0:
     raise UserError(f"config.model.lora.alpha={lora.alpha!r} must be positive")
+  if not 0.0 <= float(lora.dropout) < 1.0:
+    raise UserError(f"config.model.lora.dropout={lora.dropout!r} must be in [0, 1)")
+  if lora.base_qtype not in QTYPES:
+    raise UserError(
+        f"config.model.lora.base_qtype={lora.base_qtype!r}; use one of "
+        f"{', '.join(repr(q) for q in QTYPES)} ('' keeps the base unquantized)"
+    )
+  if not isinstance(lora.base_tile_size, int) or lora.base_tile_size < 0:
+    raise UserError(
+        f"config.model.lora.base_tile_size={lora.base_tile_size!r} must be 0 (one scale per "
+        "output channel) or the rows per scale, e.g. 64"
+    )
+  if lora.init_from and (
+      "sft" not in _stages(lora) or not config.model.get("path") or not lora.rank
+  ):
+    raise UserError(
+        "config.model.lora.init_from (a PEFT adapter to go on training) starts the SFT stage's "
+        "adapters over the model it was trained on: set config.model.path to that model, "
+        "config.model.lora.rank to the adapter's rank, and keep 'sft' in config.model.lora.stages"
+    )
   if not _stages(lora) or set(_stages(lora)) - set(STAGES):
     raise UserError(
         f"config.model.lora.stages={lora.stages!r}; name one or both of {', '.join(STAGES)}"
     )
 
 
-def adapt(model: nn.Module, lora_cfg) -> nn.Module:
-  """`model` with adapters of `lora_cfg.rank` on the targeted projections of every layer."""
+def check_imported(lora_cfg, found: dict, directory) -> None:
+  """Refuses adapters read from `directory` whose rank, alpha or targets (`found`) are not those
+  of `lora_cfg`, naming the settings that take them."""
+  want = dict(rank=int(lora_cfg.rank), alpha=float(lora_cfg.alpha), targets=set(targets(lora_cfg)))
+  got = dict(found, targets=set(found["targets"].split(",")))
+  if want != got:
+    raise UserError(
+        f"{directory} is a rank-{found['rank']} adapter (alpha {found['alpha']:g}) of "
+        f"{found['targets']}; go on training it with --config.model.lora.rank={found['rank']} "
+        f"--config.model.lora.alpha={found['alpha']:g} "
+        f"--config.model.lora.targets={found['targets']}"
+    )
+
+
+def adapt(model: nn.Module, lora_cfg, quantized: bool = True) -> nn.Module:
+  """`model` with adapters of `lora_cfg.rank` on the targeted projections of every layer, over
+  a base quantized by `base_qtype` unless `quantized` is False (for initialising the adapters:
+  qwix creates no adapters on the attention kernels while it traces a quantized model's init,
+  and the adapters do not depend on how the base is stored)."""
   paths = "|".join(TARGETS[t] for t in targets(lora_cfg))
   rule = qwix.LoraRule(
-      module_path=rf"layer_\d+/({paths})", rank=int(lora_cfg.rank), alpha=float(lora_cfg.alpha)
+      module_path=rf"layer_\d+/({paths})",
+      rank=int(lora_cfg.rank),
+      alpha=float(lora_cfg.alpha),
+      dropout=float(_setting(lora_cfg, "dropout")),
+      weight_qtype=(_setting(lora_cfg, "base_qtype") or None) if quantized else None,
+      tile_size=int(_setting(lora_cfg, "base_tile_size")) or None,
   )
   return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
+
+
+def _setting(lora_cfg, key: str):
+  # Adapters read back (a run's config.json from before a key existed, a PEFT import) may lack
+  # the keys that do not change what they compute.
+  return lora_cfg.get(key, defaults()[key])
+
+
+def quantize_base(model: nn.Module, params, lora_cfg):
+  """The frozen base as the adapted `model` reads it: `params` (unboxed, `model`'s plain
+  parameters) with the targeted kernels quantized by `base_qtype`; `params` itself without."""
+  if not _setting(lora_cfg, "base_qtype"):
+    return params
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  init = lambda: adapt(model, lora_cfg).init(jax.random.key(0), tokens, jnp.ones_like(tokens))
+  # The abstract quantized tree tells qwix how each kernel is quantized (its axes and tiles).
+  return qwix.quantize_params(params, jax.eval_shape(init)["params"], allow_extra_params=True)
+
+
+def dequantize(params):
+  """`params` with every quantized kernel (a QLoRA base's) back in float32."""
+  return jax.tree.map(
+      lambda x: qwix.dequantize(x.array) if _is_quantized(x) else x, params, is_leaf=_is_quantized
+  )
+
+
+def _is_quantized(x) -> bool:
+  # qwix's quantized parameter (`WithAux`, not exported) wraps a QArray as `array`.
+  return isinstance(getattr(x, "array", None), qwix.QArray)
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:
@@ -117,9 +203,10 @@ def merge(frozen, trained):
 
 
 def fold(params, lora_cfg):
-  """The plain model's parameters: each adapted kernel W replaced by W + (alpha / rank) A B."""
+  """The plain model's parameters: each adapted kernel W replaced by W + (alpha / rank) A B (W
+  dequantized first where the base is quantized)."""
   scale = float(lora_cfg.alpha) / int(lora_cfg.rank)
-  flat = flax.traverse_util.flatten_dict(params)
+  flat = flax.traverse_util.flatten_dict(dequantize(params))
   out = {}
   for path, value in flat.items():
     if is_adapter(path):

@@ -17,10 +17,12 @@ import numpy as np
 STREAMS = (
     "sft.init",  # the policy's initial parameters (a model trained from scratch)
     "sft.batches",  # SFT's batch order
+    "sft.lora_dropout",  # SFT's adapter dropout masks (folded with the step)
     "sample",  # the sample stage's responses
     "rollouts",  # the rollouts stage's Monte-Carlo continuations
     "train.init",  # the value head (and any fresh parameter) of the train stage
     "train.batches",  # the train stage's batch order and the views' subsets
+    "train.lora_dropout",  # the train stage's adapter dropout masks (folded with the step)
     "monitor.objective",  # the samples of E[R] - beta KL while training (folded with the step)
     "eval.sampled",  # temperature samples of the accuracy, pass@k and maj@k
     "eval.objective",  # the samples of E[R] - beta KL at evaluation

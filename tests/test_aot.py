@@ -93,6 +93,12 @@ def test_compile_only_reports_the_adapters_and_the_frozen_base_of_a_lora_run():
     assert 0 < r["policy_params"] < r["base_params"] <= r["arguments"]
     assert r["optimizer_state"] < full["optimizer_state"] / 2
     assert "frozen base" in aot.format_report(r)
+  # QLoRA: the same weights, their projections stored in 4 bits (the embedding stays float32).
+  config.model.lora.update(base_qtype="nf4", base_tile_size=8)
+  q = aot.compile_step(config, "v4-8")
+  assert q["params"] == full["params"] and q["trained_params"] == r["trained_params"]
+  assert q["base_params"] < 0.6 * r["base_params"]
+  assert "projections in nf4" in aot.format_report(q)
 
 
 def test_compile_only_compiles_the_sft_step_and_every_methods_step(capsys):

@@ -259,6 +259,13 @@ def test_redo_knows_every_run_directory():
         ("model.lora.rnk", 4, "config.model.lora has no setting rnk (did you mean 'rank'?)"),
         ("model.lora.targets", "q,x", "config.model.lora.targets='q,x'; name some of q, k, v"),
         ("model.lora.stages", "rl", "config.model.lora.stages='rl'; name one or both of sft"),
+        ("model.lora.base_qtype", "int3", "base_qtype='int3'; use one of '', 'int8', 'int4'"),
+        ("model.lora.dropout", 1.0, "config.model.lora.dropout=1.0 must be in [0, 1)"),
+        (
+            "model.lora.init_from",
+            "/x",
+            "set config.model.path to that model, config.model.lora.rank",
+        ),
     ],
 )
 def test_check_config_names_the_bad_setting(key, value, expected):

@@ -173,11 +173,15 @@ def _fit(workdir, step, base, steps):
   )
 
 
-def test_an_adapter_run_resumes_bit_for_bit_from_checkpoints_of_the_adapters_alone(tmp_path):
+@pytest.mark.parametrize("qlora", [False, True])
+def test_an_adapter_run_resumes_bit_for_bit_from_checkpoints_of_the_adapters_alone(tmp_path, qlora):
   """Over two devices (the batch split in two): six steps straight, and three steps then a
-  restart that resumes at step 3, end equal; the checkpoints hold no base weight."""
-  step, base = _setup(_config(), devices=2)
-  base = jax.device_put(base, step.base_shardings)
+  restart that resumes at step 3, end equal; the checkpoints hold no base weight. With a
+  quantized base (QLoRA, quantized anew from the same weights on a restart) and adapter dropout
+  too (its masks drawn by step)."""
+  extra = dict(base_qtype="nf4", base_tile_size=8, dropout=0.1) if qlora else {}
+  step, base = _setup(_config(**extra), devices=2)
+  base = step.base_of(jax.device_put(base, step.plain_shardings))
   straight, _ = _fit(tmp_path / "straight", step, base, 6)
   _fit(tmp_path / "resumed", step, base, 3)
   resumed, summary = _fit(tmp_path / "resumed", step, base, 6)
@@ -187,3 +191,60 @@ def test_an_adapter_run_resumes_bit_for_bit_from_checkpoints_of_the_adapters_alo
   # What Orbax wrote: adapters, the value head and their optimizer moments; steps and counts.
   arrays = saved_arrays(tmp_path / "resumed" / "checkpoints")
   assert arrays and all(k[-1].endswith(("_lora_a", "_lora_b", "value_head")) for k in arrays)
+
+
+@pytest.mark.parametrize("qtype", ["int8", "nf4"])
+def test_a_quantized_base_is_stored_quantized_and_read_as_its_dequantized_weights(qtype):
+  """QLoRA (`base_qtype`): the targeted kernels are held in `qtype`, everything else as it was;
+  the adapted model over them starts equal to the plain model over the dequantized base, and
+  folding trained adapters into that base gives the adapted forward."""
+  config = _config(base_qtype=qtype, base_tile_size=8 if qtype == "nf4" else 0)
+  step, base = _setup(config)
+  quantized = step.base_of(base)
+  flat, plain = flax.traverse_util.flatten_dict(quantized), flax.traverse_util.flatten_dict(base)
+  assert flat.keys() == plain.keys()
+  kernels = [k for k in flat if k[-1] == "kernel" and k[-2] in lora.TARGETS]
+  assert len(kernels) == len(lora.TARGETS) * config.model.n_layers
+  stored = {k: v.array.qvalue.dtype for k, v in flat.items() if k in kernels}
+  assert set(map(str, stored.values())) == {"int8" if qtype == "int8" else "uint4"}, stored
+  for k in plain.keys() - set(kernels):
+    np.testing.assert_array_equal(flat[k], plain[k])
+  dequantized = lora.dequantize(quantized)
+  read = flax.traverse_util.flatten_dict(dequantized)
+  error = max(float(jnp.abs(read[k] - plain[k]).max()) for k in kernels)
+  assert 0 < error < (0.02 if qtype == "int8" else 0.2)
+  state = nn.meta.unbox(step.init_fn(jax.random.key(2), None))
+  policy, _, adapted_policy, _ = _models(config)
+  batch = _batch()
+  got = response_logprobs(adapted_policy, lora.merge(quantized, state.policy.params), batch)
+  want = response_logprobs(policy, dequantized, batch)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  adapters = _randomised(state.policy.params, np.random.default_rng(0))
+  unfolded = response_logprobs(adapted_policy, lora.merge(quantized, adapters), batch)
+  trained = state.replace(policy=state.policy.replace(params=adapters))
+  folded = response_logprobs(policy, step.policy_params(trained, quantized), batch)
+  np.testing.assert_allclose(folded, unfolded, atol=1e-5, rtol=0)
+
+
+def test_adapter_dropout_draws_its_masks_from_the_step():
+  """`dropout`: a training step's adapted forward depends on its masks (two steps of one state
+  differ, the same step repeats exactly); with B still zero it is the base whatever the masks."""
+  config = _config(method="rft", dropout=0.5)
+  step, base = _setup(config)
+  state = nn.meta.unbox(step.init_fn(jax.random.key(2), base))
+  state = state.replace(params=_randomised(state.params, np.random.default_rng(0)))
+  batch = jax.tree.map(jnp.asarray, _full_width_batch(step, 0))
+  step_fn = jax.jit(step.step_fn)
+  loss = lambda s: float(step_fn(s, batch, base)[1]["loss"])
+  at_one = state.replace(step=state.step + 1)
+  assert loss(state) == loss(state) and loss(state) != loss(at_one)
+  no_dropout = _config(method="rft")
+  plain_step, _ = _setup(no_dropout)
+  assert loss(state) != float(jax.jit(plain_step.step_fn)(state, batch, base)[1]["loss"])
+  # Fresh adapters (B = 0) add nothing, dropped or not.
+  fresh = nn.meta.unbox(step.init_fn(jax.random.key(2), base))
+  np.testing.assert_allclose(
+      float(step_fn(fresh, batch, base)[1]["loss"]),
+      float(jax.jit(plain_step.step_fn)(fresh, batch, base)[1]["loss"]),
+      rtol=1e-6,
+  )

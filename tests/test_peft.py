@@ -159,3 +159,59 @@ def test_the_cli_exports_the_adapters_of_a_workdir_merged_and_as_peft(family, tm
   assert convert.main(["--from", str(ours_dir), "--peft", str(adapter), "--to", str(folded)]) == 0
   _, params = convert.load_ours(folded)
   np.testing.assert_allclose(_ours(cfg, nn.meta.unbox(params), tokens), ours, atol=1e-4, rtol=0)
+
+
+def test_the_merged_export_of_a_quantized_base_run_is_the_model_it_trained(family, tmp_path):
+  """QLoRA (`base_qtype`): --to_hf folds the adapters into the base as the run read it,
+  quantized, which is what the adapted model computed in training, not into the float base."""
+  path, cfg, base = family
+  ours_dir = tmp_path / "ours"
+  assert convert.main(["--from_hf", str(path), "--to", str(ours_dir)]) == 0
+  adapters, lora_cfg = _adapters(cfg, base, 4, "q,k,v,o,gate,up,down", seed=6)
+  lora_cfg.base_qtype = "int8"
+  _save_run(tmp_path / "run", "dqo", TrainState.create(adapters, optax.sgd(0.1)), lora_cfg)
+  merged = tmp_path / "merged"
+  params = str(tmp_path / "run" / "dqo" / "checkpoints")
+  args = ["--from", str(ours_dir), "--params", params, "--to_hf", str(merged)]
+  assert convert.main(args + ["--dtype", "float32"]) == 0
+  tokens = _tokens()
+  quantized = lora.quantize_base(Transformer(cfg), base, lora_cfg)
+  trained = _ours(cfg, lora.merge(quantized, adapters), tokens, lora_cfg)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager")
+  with torch.no_grad():
+    theirs = hf.float().eval()(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+  assert np.abs(trained - theirs).max() <= 1e-4
+  over_float = _ours(cfg, lora.fold(lora.merge(base, adapters), lora_cfg), tokens)
+  assert np.abs(over_float - theirs).max() > 1e-3  # the quantization shows
+
+
+def test_a_peft_adapter_is_where_the_sft_stage_goes_on_training_from(family, tmp_path):
+  """`model.lora.init_from`: the SFT stage's adapters start as the imported ones, over the model
+  they were trained on, so that its policy starts at the PEFT model's logits; an adapter of
+  another rank is refused with the settings that take it."""
+  from configs.arith import get_config  # pylint: disable=g-import-not-at-top
+  from dqo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dqo_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from dqo_jax.stages.context import Context  # pylint: disable=g-import-not-at-top
+
+  path, cfg, base = family
+  adapters, lora_cfg = _adapters(cfg, base, 4, "q,v,down", seed=7)
+  export_peft([(adapters, lora_cfg)], cfg, tmp_path / "adapter", base_model=str(path))
+  config = get_config("tiny")
+  config.model.path = str(path)
+  # Exported adapters have lora_alpha = r (scale 1: B carries the scale), here 4.
+  config.model.lora.update(
+      rank=4, alpha=4.0, targets="q,v,down", init_from=str(tmp_path / "adapter")
+  )
+  lora.check(config)
+  ctx = Context(config, str(tmp_path), None, None, None, sharding.make_mesh(config.mesh))
+  step = ctx.sft_step()
+  state = nn.meta.unbox(step.init_fn(jax.random.key(0)))
+  tokens = _tokens()
+  start = _ours(cfg, step.policy_params(state, ctx.sft_base(step)), tokens)
+  assert np.abs(start - _peft_logits(path, tmp_path / "adapter", tokens)).max() <= 1e-4
+  assert np.abs(start - _ours(cfg, base, tokens)).max() > 1e-2  # not the base model's
+  config.model.lora.rank = 8
+  ctx = Context(config, str(tmp_path), None, None, None, sharding.make_mesh(config.mesh))
+  with pytest.raises(UserError, match="rank-4 adapter .* --config.model.lora.rank=4 "):
+    ctx.sft_step().init_fn(jax.random.key(0))

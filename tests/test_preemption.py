@@ -4,8 +4,9 @@ they interrupt; a damaged newest checkpoint is set aside for the one before it; 
 updates nothing, and too many in a row stop the run with its last good state saved.
 
 The interrupted runs are this file run as a script (`python tests/test_preemption.py WORKDIR
-STEPS EVERY`) on a tiny DQO model: policy and value, two optimizers, sharded over two simulated
-devices; the runs share a compilation cache, so only the first compiles.
+STEPS EVERY [lora]`) on a tiny DQO model: policy and value, two optimizers, sharded over two
+simulated devices; with `lora`, their adapters over a quantized base (QLoRA) with adapter
+dropout. The runs share a compilation cache, so only the first of each kind compiles.
 """
 
 import json
@@ -17,24 +18,29 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from configs.arith import get_config
 from dqo_jax import sharding
 from dqo_jax.checkpoint import Checkpoints
 from dqo_jax.errors import UserError
 from dqo_jax.metrics import read_scalars
 from dqo_jax.train.loop import Interrupted, abstract_state, fit
 from dqo_jax.methods import dqo
+from dqo_jax.model import ModelConfig
+from dqo_jax.train import build
 from dqo_jax.train.policy_value_step import make_policy_value_step
 from dqo_jax.train.state import make_optimizer
 from helpers import DQO, OPT, RULES, dqo_setup, random_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
+ADAPTER_STEPS = 12
 
 
 def _mesh():
@@ -44,6 +50,17 @@ def _mesh():
 
 def _batch_at(i):
   return random_batch(np.random.default_rng(i))
+
+
+def _adapter_setup():
+  """DQO with rank-4 adapters and dropout over a fixed random NF4 base: (init_fn, step_fn, base,
+  base_shardings), as the train stage builds them."""
+  config = get_config("tiny")
+  config.model.lora.update(rank=4, base_qtype="nf4", base_tile_size=8, dropout=0.1)
+  step = build.build_train_step(config, ModelConfig.from_config(config.model, 32), _mesh())
+  plain = nn.meta.unbox(build.boxed_init(step.policy_model, jax.random.key(1)))
+  base = step.base_of(jax.device_put(plain, step.plain_shardings))
+  return lambda rng: step.init_fn(rng, None), step.step_fn, base, step.base_shardings
 
 
 def _train(
@@ -57,8 +74,12 @@ def _train(
     keep=3,
     max_nonfinite=10,
     log_every=5,
+    adapters=False,
 ):
-  if init_fn is None:
+  base = base_shardings = None
+  if adapters:
+    init_fn, step_fn, base, base_shardings = _adapter_setup()
+  elif init_fn is None:
     init_fn, step_fn, _, _ = dqo_setup()
   return fit(
       stage_dir=str(workdir),
@@ -73,6 +94,8 @@ def _train(
       max_nonfinite=max_nonfinite,
       log_every=log_every,
       desc="tiny",
+      base=base,
+      base_shardings=base_shardings,
   )
 
 
@@ -111,15 +134,15 @@ def compilation_cache(tmp_path_factory):
     yield
 
 
-def _start(workdir, steps, every, **popen):
-  cmd = [sys.executable, __file__, str(workdir), str(steps), str(every)]
+def _start(workdir, steps, every, adapters=False, **popen):
+  cmd = [sys.executable, __file__, str(workdir), str(steps), str(every)] + ["lora"] * adapters
   env = dict(os.environ, PYTHONPATH=ROOT)
   with open(f"{workdir}.err", "a") as stderr:  # the child keeps its own copy
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=stderr, text=True, **popen)
 
 
-def _finish(workdir, steps, every):
-  proc = _start(workdir, steps, every, stdout=subprocess.PIPE)
+def _finish(workdir, steps, every, adapters=False):
+  proc = _start(workdir, steps, every, adapters, stdout=subprocess.PIPE)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, _stderr(workdir)
   return out, json.loads(out.strip().splitlines()[-1])
@@ -171,6 +194,26 @@ def test_run_killed_twice_at_random_steps_ends_exactly_like_an_uninterrupted_one
   assert 0 < summary["resumed_from"] < STEPS
   assert f"resuming from the checkpoint at step {summary['resumed_from']}" in out
   assert _equal(_restore(workdir, STEPS), final)
+
+
+def test_an_adapter_run_killed_at_a_random_step_ends_exactly_like_an_uninterrupted_one(tmp_path):
+  """QLoRA with adapter dropout: the base is not checkpointed but quantized anew on restart, and
+  the dropout masks are drawn by step."""
+  init_fn = _adapter_setup()[0]
+  reference = tmp_path / "reference"
+  _finish(reference, ADAPTER_STEPS, 1, adapters=True)
+  workdir = tmp_path / "run"
+  proc = _start(workdir, ADAPTER_STEPS, 1, adapters=True, stdout=subprocess.DEVNULL)
+  _wait_for_step(workdir, proc, random.Random(1).randint(3, 8))
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  _, summary = _finish(workdir, ADAPTER_STEPS, 1, adapters=True)
+  assert 0 < summary["resumed_from"] < ADAPTER_STEPS
+  final = _restore(reference, ADAPTER_STEPS, init_fn)
+  assert not _equal(
+      final.policy.params, _restore(reference, ADAPTER_STEPS - 1, init_fn).policy.params
+  )
+  assert _equal(_restore(workdir, ADAPTER_STEPS, init_fn), final)
 
 
 def test_sigterm_saves_the_step_it_interrupts(tmp_path, reference):
@@ -293,13 +336,14 @@ def test_a_preemption_notice_saves_the_step_and_stops(tmp_path, monkeypatch):
 
 if __name__ == "__main__":
   workdir, steps, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+  adapters = sys.argv[4:] == ["lora"]
 
   def announced(i):
     print(f"batch {i}", flush=True)
     return _batch_at(i)
 
   try:
-    _, summary = _train(workdir, steps, every, batch_at=announced)
+    _, summary = _train(workdir, steps, every, batch_at=announced, adapters=adapters)
   except Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(130)

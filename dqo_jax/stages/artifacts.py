@@ -41,4 +41,5 @@ def trained_policy_params(ctx: Context, sft_params=None):
   the SFT checkpoint)."""
   step = build_train_step(ctx.config, ctx.model_cfg, ctx.mesh)
   state = restore_params(ctx.checkpoint_dir(methods.run_name(ctx.config)), step.abstract_state)
-  return step.policy_params(state, (sft_params or ctx.sft_params)() if step.adapters else None)
+  base = step.base_of((sft_params or ctx.sft_params)()) if step.adapters else None
+  return step.policy_params(state, base)

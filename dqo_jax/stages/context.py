@@ -6,12 +6,13 @@ import dataclasses
 import functools
 import os
 
-from dqo_jax import convert, methods, rng, sharding
+from dqo_jax import convert, lora, methods, rng, sharding
 from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import prompts, tasks
 from dqo_jax.data.batches import Encoded, encode_examples
 from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, Transformer
+from dqo_jax.peft_format import import_peft
 from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train import build
 from dqo_jax.train.loop import init_state
@@ -113,9 +114,23 @@ class Context:
   def _initial_policy(self, key):
     return self.init_params(self.policy_model, key)
 
+  @functools.cached_property
+  def _imported_adapters(self):
+    """The adapters of the PEFT adapter `model.lora.init_from` names, in our layout."""
+    directory = self.config.model.lora.init_from
+    adapters, found = import_peft(directory, self.model_cfg)
+    lora.check_imported(self.config.model.lora, found, directory)
+    return adapters
+
   def sft_step(self) -> build.TrainStep:
-    """The SFT stage's step, from the pretrained weights when `config.model.path` is set."""
-    return build.build_sft_step(self.config, self.model_cfg, self.mesh, self._initial_policy)
+    """The SFT stage's step, from the pretrained weights when `config.model.path` is set (and
+    with LoRA, from the adapter `model.lora.init_from` names, if it names one)."""
+    imported = None
+    if lora.enabled(self.config, "sft") and self.config.model.lora.init_from:
+      imported = lambda: self._imported_adapters
+    return build.build_sft_step(
+        self.config, self.model_cfg, self.mesh, self._initial_policy, imported
+    )
 
   def sft_base(self, step: build.TrainStep):
     """With LoRA in the SFT stage, the base its adapters train over: the pretrained weights, or
@@ -123,7 +138,7 @@ class Context:
     if not step.adapters:
       return None
     key = rng.key(self.config.seed, "sft.init")
-    return init_state(self._initial_policy, key, step.base_shardings)
+    return step.base_of(init_state(self._initial_policy, key, step.plain_shardings))
 
   def sft_params(self):
     """The SFT policy: the reference policy and DQO's starting point (with LoRA, the SFT

@@ -130,9 +130,9 @@ def sampled_objective(
   return dict(reward=float(np.mean(reward)), kl=kl, objective=float(np.mean(reward)) - beta * kl)
 
 
-def accuracy_monitor(ctx: Context, params_of, ref_params=None):
+def accuracy_monitor(ctx: Context, params_of, ref_params_of=None):
   """An `on_log` hook for `fit`: every `eval.every` steps, greedy accuracy on the first
-  `eval.monitor_examples` validation problems; with `ref_params` (pi_ref, for the methods trained
+  `eval.monitor_examples` validation problems; with `ref_params_of()` (pi_ref, for the methods trained
   from the SFT policy) also `sampled_objective` on as many training and validation prompts, whose
   difference is the generalisation gap of what the method optimises."""
   cfg = ctx.config
@@ -148,7 +148,8 @@ def accuracy_monitor(ctx: Context, params_of, ref_params=None):
         "val_accuracy": result["accuracy"],
         **{f"val_accuracy_steps_{k}": v for k, v in result["by_steps"].items()},
     }
-    if ref_params is not None:
+    if ref_params_of is not None:
+      ref_params = ref_params_of()
       key = jax.random.fold_in(rng.key(cfg.seed, "monitor.objective"), step)
       for split, name in (("train", "train_prompts"), ("validation", "val")):
         o = sampled_objective(ctx, params, ref_params, split, n, beta, key)

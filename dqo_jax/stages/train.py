@@ -9,7 +9,7 @@ initialised from the SFT trunk with a fresh zero scalar head. Outputs go to DIR/
 
 from __future__ import annotations
 
-from dqo_jax import methods, rng
+from dqo_jax import lora, methods, rng
 from dqo_jax.data.offline import offline_arrays
 from dqo_jax.generation import logprobs_of
 from dqo_jax.stages import artifacts
@@ -19,8 +19,9 @@ from dqo_jax.train.build import build_train_step
 from dqo_jax.train.loop import fit
 
 
-def train_data(ctx: Context, sft_params) -> methods.TrainData:
-  """What the method's view may read: the gold solutions, the samples, the rollouts."""
+def train_data(ctx: Context, reference) -> methods.TrainData:
+  """What the method's view may read: the gold solutions, the samples, the rollouts;
+  `reference()` gives pi_ref's parameters."""
   cfg = ctx.config
 
   def read_samples():
@@ -36,7 +37,7 @@ def train_data(ctx: Context, sft_params) -> methods.TrainData:
       known=None if ctx.answers_only else ctx.train,
       read_samples=read_samples,
       reference_logprobs=lambda *arrays: logprobs_of(
-          ctx.policy_model, sft_params, *arrays, mesh=ctx.mesh, batch_size=cfg.sample.batch_size
+          ctx.policy_model, reference(), *arrays, mesh=ctx.mesh, batch_size=cfg.sample.batch_size
       ),
       read_potentials=lambda: artifacts.read_potentials(ctx),
   )
@@ -45,9 +46,16 @@ def train_data(ctx: Context, sft_params) -> methods.TrainData:
 def run(ctx: Context) -> dict:
   cfg = ctx.config
   name = methods.run_name(cfg)
-  sft_params = ctx.sft_params()
-  view = methods.of(cfg).view(train_data(ctx, sft_params))
+  held = dict(sft=ctx.sft_params())
+  reference = lambda: held["sft"]
+  view = methods.of(cfg).view(train_data(ctx, reference))
   step = build_train_step(cfg, ctx.model_cfg, ctx.mesh, view)
+  base = step.base_of(held["sft"])  # LoRA's frozen base, else None
+  if cfg.model.lora.get("base_qtype") and step.adapters:
+    # QLoRA holds the SFT policy only quantized; pi_ref is then that base dequantized on reading,
+    # which is also where the policy starts.
+    held["sft"] = None
+    reference = lambda: lora.dequantize(base)
   _, summary = fit(
       stage_dir=ctx.stage_dir(name),
       init_fn=step.init_fn,
@@ -61,13 +69,13 @@ def run(ctx: Context) -> dict:
       max_nonfinite=cfg.train.max_consecutive_nonfinite,
       log_every=cfg.log_every,
       desc=name,
-      init_args=(sft_params,),
+      init_args=(held["sft"],),  # None with QLoRA, whose adapters start without it
       on_log=accuracy_monitor(
-          ctx, lambda state: step.policy_params(state, sft_params), ref_params=sft_params
+          ctx, lambda state: step.policy_params(state, base), ref_params_of=reference
       ),
       checkpoint_dir=ctx.checkpoint_dir(name),
       on_save=ctx.copy_up,
-      base=sft_params if step.adapters else None,
+      base=base,
       base_shardings=step.base_shardings,
   )
   return dict(summary, method=cfg.method, examples=view.size, **view.describe)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax.linen import meta
 
 from dqo_jax import lora, methods, sharding
+from dqo_jax import rng as streams
 from dqo_jax.data.offline import offline_arrays
 from dqo_jax.data.views import process_arrays
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
@@ -38,9 +39,24 @@ def models(config, model_cfg: ModelConfig) -> tuple[Transformer, Transformer]:
   return policy, Transformer(model_cfg, head="value", remat=remat)
 
 
-def adapted(config, model: Transformer, stage: str = "train") -> Transformer:
-  """`model` with the adapters of `config.model.lora`, or itself where `stage` has none."""
-  return lora.adapt(model, config.model.lora) if lora.enabled(config, stage) else model
+def adapted(config, model: Transformer, stage: str = "train", quantized=True) -> Transformer:
+  """`model` with the adapters of `config.model.lora`, or itself where `stage` has none;
+  `quantized` False: over a float base whatever `base_qtype` says (`lora.adapt`)."""
+  if not lora.enabled(config, stage):
+    return model
+  return lora.adapt(model, config.model.lora, quantized)
+
+
+def fresh_adapters(config, model: Transformer, rng, stage: str = "train", trained=lora.is_adapter):
+  """Fresh adapters of `model` for `stage` (B = 0) and, with `trained`, whatever else trains."""
+  return lora.split(boxed_init(adapted(config, model, stage, quantized=False), rng), trained)[1]
+
+
+def dropout_key(config, stage: str):
+  """The key of `stage`'s adapter dropout masks (`model.lora.dropout`), None without."""
+  if not lora.enabled(config, stage) or not config.model.lora.dropout:
+    return None
+  return streams.key(config.seed, f"{stage}.lora_dropout")
 
 
 def _trains_value_leaf(path) -> bool:
@@ -72,7 +88,12 @@ class TrainStep:
   takes_sft_params: bool = True  # init_fn(rng, sft_params), or init_fn(rng) for SFT itself
   # (config, batch sharding) -> the full-width batch the step is compiled for.
   batch_shapes: Callable | None = None  # None: `abstract_batch`, the train stage's
-  adapters: bool = False  # the state holds LoRA adapters; step_fn(state, batch, base)
+  # LoRA: the model with adapters, whose state holds only them; step_fn(state, batch, base).
+  adapted_model: Transformer | None = None
+
+  @property
+  def adapters(self) -> bool:
+    return self.adapted_model is not None
 
   @functools.cached_property
   def step_fn(self) -> Callable:
@@ -101,7 +122,8 @@ class TrainStep:
 
   @functools.cached_property
   def _abstract_base(self):
-    init = lambda rng: boxed_init(self.policy_model, rng)
+    # The adapted model's parameters less its adapters: with QLoRA, the quantized kernels.
+    init = lambda rng: lora.split(boxed_init(self.adapted_model, rng))[0]
     return abstract_state(init, self.mesh, sharding.logical_rules(self.config.mesh))
 
   @property
@@ -113,8 +135,26 @@ class TrainStep:
   def base_shardings(self):
     return self._abstract_base[1] if self.adapters else None
 
+  @functools.cached_property
+  def plain_shardings(self):
+    """The shardings of the plain policy's parameters (what `base_of` takes)."""
+    init = lambda rng: boxed_init(self.policy_model, rng)
+    return abstract_state(init, self.mesh, sharding.logical_rules(self.config.mesh))[1]
+
+  def base_of(self, params):
+    """The frozen base the step reads, from the plain (unboxed) parameters it adapts: with
+    `model.lora.base_qtype`, their targeted kernels quantized; None without adapters."""
+    if not self.adapters:
+      return None
+    lora_cfg = self.config.model.lora
+    if not lora_cfg.base_qtype:
+      return params
+    quantize = lambda p: lora.quantize_base(self.policy_model, p, lora_cfg)
+    return jax.jit(quantize, out_shardings=self.base_shardings)(params)
+
   def policy_params(self, state, base=None):
-    """The policy's plain parameters in `state`: with adapters, folded into `base`."""
+    """The policy's plain parameters in `state`: with adapters, folded into `base`
+    (`base_of`'s)."""
     params = policy_of(state)
     if not self.adapters:
       return params
@@ -136,22 +176,26 @@ def build_train_step(config, model_cfg: ModelConfig, mesh, view: methods.View | 
 
   def policy_params(rng, sft_params):
     if adapters:  # fresh adapters (B = 0: the SFT policy itself)
-      return lora.split(boxed_init(policy_lora, rng))[1]
+      return fresh_adapters(config, policy_model, rng)
     return sharding.rebox(boxed_init(policy_model, rng), sft_params)
 
-  built = functools.partial(TrainStep, config, policy_model, mesh, adapters=adapters)
+  built = functools.partial(
+      TrainStep, config, policy_model, mesh, adapted_model=policy_lora if adapters else None
+  )
   if not method.trains_value:
     policy_only = lambda rng, sft_params: TrainState.create(
         policy_params(rng, sft_params), policy_tx
     )
-    step = lambda: policy_step.make_policy_step(policy_lora, policy_tx, objective(), accum)
+    step = lambda: policy_step.make_policy_step(
+        policy_lora, policy_tx, objective(), accum, dropout_key=dropout_key(config, "train")
+    )
     return built(policy_only, step)
   value_tx = make_optimizer(t.value_optimizer, t.steps)
 
   def policy_and_value(rng, sft_params):
     policy_rng, value_rng = jax.random.split(rng)
     if adapters:  # adapters and a fresh zero head over the SFT trunk
-      value = lora.split(boxed_init(value_lora, value_rng), _trains_value_leaf)[1]
+      value = fresh_adapters(config, value_model, value_rng, trained=_trains_value_leaf)
     else:
       value = value_params_from(value_model, sft_params, value_rng)
     return PolicyValueState(
@@ -167,24 +211,36 @@ def build_train_step(config, model_cfg: ModelConfig, mesh, view: methods.View | 
       objective(),
       method.value_warmup(config),
       accum,
+      dropout_key(config, "train"),
   )
   return built(policy_and_value, step)
 
 
-def build_sft_step(config, model_cfg: ModelConfig, mesh, initial_params=None) -> TrainStep:
+def build_sft_step(
+    config, model_cfg: ModelConfig, mesh, initial_params=None, initial_adapters=None
+) -> TrainStep:
   """The `sft` stage's step: the negative log-likelihood of the gold solutions, from
   `initial_params(rng)` (boxed: a pretrained model's weights) or fresh parameters; with LoRA
-  those are the frozen base of fresh adapters."""
+  those are the frozen base of fresh adapters, or of `initial_adapters()` (unboxed: a PEFT
+  adapter's, `model.lora.init_from`)."""
   policy_model, _ = models(config, model_cfg)
   tx = make_optimizer(config.sft.optimizer, config.sft.steps)
   adapters = lora.enabled(config, "sft")
   model = adapted(config, policy_model, "sft")
-  if adapters:  # the initial parameters are the frozen base (`base_params`)
-    init = lambda rng: TrainState.create(lora.split(boxed_init(model, rng))[1], tx)
+  if adapters:  # the initial parameters are the frozen base (`base_of`)
+
+    def init(rng):
+      fresh = fresh_adapters(config, policy_model, rng, "sft")
+      if initial_adapters is not None:
+        fresh = sharding.rebox(fresh, initial_adapters())
+      return TrainState.create(fresh, tx)
+
   else:
     initial = initial_params or (lambda rng: boxed_init(policy_model, rng))
     init = lambda rng: TrainState.create(initial(rng), tx)
-  step = lambda: policy_step.make_sft_step(model, tx, config.sft.grad_accum_steps)
+  step = lambda: policy_step.make_sft_step(
+      model, tx, config.sft.grad_accum_steps, dropout_key(config, "sft")
+  )
   return TrainStep(
       config,
       policy_model,
@@ -193,7 +249,7 @@ def build_sft_step(config, model_cfg: ModelConfig, mesh, initial_params=None) ->
       step,
       takes_sft_params=False,
       batch_shapes=abstract_sft_batch,
-      adapters=adapters,
+      adapted_model=model if adapters else None,
   )
 
 

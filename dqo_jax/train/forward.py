@@ -24,12 +24,29 @@ def _response_aligned(model: Transformer, params, batch, **kwargs) -> jax.Array:
   p = prompt.shape[1]
   tokens = jnp.concatenate([prompt, response], axis=1)
   mask = jnp.concatenate([batch["prompt_mask"], response_mask(batch)], axis=1).astype(jnp.int32)
+  rngs = {}
+  if DROPOUT_KEY in batch:  # LoRA's adapter dropout: the (micro-)batch's first row's key
+    rngs["dropout"] = jax.random.wrap_key_data(batch[DROPOUT_KEY][0])
   # The last response token predicts nothing, so it is not fed; position p-1+t predicts a_t,
   # and the positions before p-1 need no output.
   out, _ = model.apply(
-      {"params": params}, tokens[:, :-1], mask[:, :-1], first_output=p - 1, **kwargs
+      {"params": params}, tokens[:, :-1], mask[:, :-1], first_output=p - 1, rngs=rngs, **kwargs
   )
   return out
+
+
+DROPOUT_KEY = "dropout_key"
+
+
+def with_dropout_keys(batch, key, step):
+  """`batch` with a dropout key per row (`model.lora.dropout`), drawn from `key` folded with the
+  train step, so that a resumed run draws the same masks; `key` None: `batch` itself. Keys go
+  with the rows so that each micro-batch of gradient accumulation draws its own masks, the same
+  in its forward pass and in its recomputation for the gradient."""
+  if key is None:
+    return batch
+  keys = jax.random.split(jax.random.fold_in(key, step), batch["response"].shape[0])
+  return dict(batch, **{DROPOUT_KEY: jax.random.key_data(keys)})
 
 
 def response_logprobs(model: Transformer, params, batch) -> jax.Array:

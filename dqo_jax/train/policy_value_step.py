@@ -17,7 +17,7 @@ import optax
 from dqo_jax import lora
 from dqo_jax.model import Transformer, policy_trunk
 from dqo_jax.train import accumulate
-from dqo_jax.train.forward import response_logprobs, response_values
+from dqo_jax.train.forward import response_logprobs, response_values, with_dropout_keys
 from dqo_jax.train.state import TrainState, keep_if_finite
 
 
@@ -43,6 +43,7 @@ def make_policy_value_step(
     objective,
     value_warmup_steps: int = 0,
     grad_accum_steps: int = 1,
+    dropout_key=None,
 ):
   """objective(logp, values, batch, step) -> (policy_loss(logp), value_loss(values), metrics):
   two functions of their own model's outputs, the other model's outputs held fixed. A step with
@@ -50,15 +51,23 @@ def make_policy_value_step(
 
   Both models run on `grad_accum_steps` micro-batches (`dqo_jax.train.accumulate`); the
   objective always sees the whole batch. With LoRA the states hold adapters (and the value
-  head), and `base`, the frozen SFT policy, serves both models (`dqo_jax.lora`)."""
+  head), and `base`, the frozen SFT policy, serves both models (`dqo_jax.lora`); `dropout_key`
+  draws the adapters' dropout masks, different ones for the two models."""
   key = "config.train.grad_accum_steps"
 
   def step(state: PolicyValueState, batch, base=None):
     value_base = None if base is None else policy_trunk(base)
     logprobs = lambda p, b: response_logprobs(policy_model, lora.merge(base, p), b)
     value_fn = lambda p, b: response_values(value_model, lora.merge(value_base, p), b)
-    logp, policy_vjp = accumulate.vjp(logprobs, state.policy.params, batch, grad_accum_steps, key)
-    values, value_vjp = accumulate.vjp(value_fn, state.value.params, batch, grad_accum_steps, key)
+    keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    policy_rows = with_dropout_keys(batch, keys[0], state.value.step)
+    value_rows = with_dropout_keys(batch, keys[1], state.value.step)
+    logp, policy_vjp = accumulate.vjp(
+        logprobs, state.policy.params, policy_rows, grad_accum_steps, key
+    )
+    values, value_vjp = accumulate.vjp(
+        value_fn, state.value.params, value_rows, grad_accum_steps, key
+    )
     policy_loss, value_loss, metrics = objective(logp, values, batch, state.value.step)
     p_loss, d_logp = jax.value_and_grad(policy_loss)(logp)
     v_loss, d_values = jax.value_and_grad(value_loss)(values)
