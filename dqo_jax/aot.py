@@ -1,9 +1,10 @@
-"""Ahead-of-time compilation of the DRO/DQO train step for a TPU slice, on any machine.
+"""Ahead-of-time compilation of a run's jitted programs for a TPU slice, on any machine.
 
 `python -m dqo_jax.main --config=configs/gsm8k.py:qwen2_7b --compile_only --topology=v5p-16`
 
-libtpu describes the chips of a named slice without any being attached. The step is the one
-`dqo_jax.train.loop.jit_step` jits for a real run (same shardings, same donation), lowered from
+libtpu describes the chips of a named slice without any being attached. A train step is the one
+`dqo_jax.train.loop.jit_step` jits for a real run (same shardings, same donation), the sampler,
+reference log-prob pass and evaluation the ones their stages call; each is lowered from
 abstract shapes (no weights are read or allocated) and compiled by the TPU compiler, whose
 memory and cost analyses give per-chip memory and FLOPs. Needs libtpu: the one jax finds itself
 (`TPU_LIBRARY_PATH`, or an importable `libtpu` as `jax[tpu]` installs on a TPU VM), else the one
@@ -159,24 +160,46 @@ def _shard_bytes(tree) -> int:
   )
 
 
-def compile_step(config, topology: str, stage: str = "train") -> dict:
-  """Compiles the step of `stage` ("sft", or "train": the step of `config.method`) for a TPU
-  slice; the report."""
-  from dqo_jax.train import build  # pylint: disable=g-import-not-at-top
-  from dqo_jax.train.loop import jit_step  # pylint: disable=g-import-not-at-top
-
+def _slice_mesh(config, topology: str, batch_key: str):
+  """(kind, Chip, devices, mesh) of `config.mesh` on a named slice, refusing a batch
+  (`config.<batch_key>`) that does not split over the data axes."""
   kind, chip, devices = topology_devices(topology)
   try:
     mesh = sharding.make_mesh(config.mesh, devices)
   except ValueError as e:
     raise UserError(f"{e} (--topology={topology} has {len(devices)} chips)") from None
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch_size = int(config[stage].batch_size)
+  section, name = batch_key.split(".")
+  batch_size = int(config[section][name])
   if batch_size % data_ways:
     raise UserError(
-        f"config.{stage}.batch_size={batch_size} does not split over "
+        f"config.{batch_key}={batch_size} does not split over "
         f"data x fsdp = {data_ways} chips; change the batch size or config.mesh"
     )
+  return kind, chip, devices, mesh
+
+
+def _compile(lowered, what: str, topology: str, mesh, remedies: str):
+  """`lowered.compile()`; a UserError saying by how much `what` does not fit, if it does not."""
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    first = next(l for l in str(e).splitlines() if l.strip())
+    raise UserError(
+        f"{what} does not fit on {topology} (mesh {dict(mesh.shape)}): {first.strip()}; try "
+        f"{remedies}more fsdp/tensor ways, a smaller batch or a larger slice"
+    ) from None
+
+
+def compile_step(config, topology: str, stage: str = "train") -> dict:
+  """Compiles the step of `stage` ("sft", or "train": the step of `config.method`) for a TPU
+  slice; the report."""
+  from dqo_jax.train import build  # pylint: disable=g-import-not-at-top
+  from dqo_jax.train.loop import jit_step  # pylint: disable=g-import-not-at-top
+
+  kind, chip, devices, mesh = _slice_mesh(config, topology, f"{stage}.batch_size")
   model_cfg = model_config(config)
   builder = build.build_sft_step if stage == "sft" else build.build_train_step
   built = builder(config, model_cfg, mesh)
@@ -186,18 +209,14 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
   t0 = time.time()
   rules = sharding.logical_rules(config.mesh)
   step = jit_step(built.step_fn, built.state_shardings, mesh, rules, built.base_shardings)
-  try:
-    compiled = step.lower(*args).compile()
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    first = next(l for l in str(e).splitlines() if l.strip())
-    raise UserError(
-        f"the {stage} step does not fit on {topology} (mesh {dict(mesh.shape)}): "
-        f"{first.strip()}; try --config.model.remat=full, micro-batches "
-        f"(--config.{stage}.grad_accum_steps), LoRA adapters (--config.model.lora.rank=16), "
-        "more fsdp/tensor ways, a smaller batch or a larger slice"
-    ) from None
+  compiled = _compile(
+      step.lower(*args),
+      f"the {stage} step",
+      topology,
+      mesh,
+      f"--config.model.remat=full, micro-batches (--config.{stage}.grad_accum_steps), LoRA "
+      "adapters (--config.model.lora.rank=16), ",
+  )
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -263,6 +282,99 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
   )
 
 
+# The programs of the stages that generate or score (beside the train steps): the stage whose
+# run compiles them, the batch they run at, what they are.
+PROGRAMS = {
+    "sample": ("sample", "sample.batch_size", "sampling: prefill, KV cache and decode loop"),
+    "reference": ("sample", "sample.batch_size", "the reference log-probs of the samples"),
+    "eval": ("eval", "eval.batch_size", "greedy decoding of the evaluation"),
+}
+
+
+def compile_program(config, topology: str, program: str) -> dict:
+  """Compiles one of `PROGRAMS` for a TPU slice, as its stage calls it (the policy's float
+  parameters laid out by their logical axes, the batch split over the data axes); its report."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from dqo_jax import generation, sampler  # pylint: disable=g-import-not-at-top
+  from dqo_jax.train import build  # pylint: disable=g-import-not-at-top
+  from dqo_jax.train.loop import abstract_state  # pylint: disable=g-import-not-at-top
+
+  _, batch_key, what = PROGRAMS[program]
+  kind, chip, devices, mesh = _slice_mesh(config, topology, batch_key)
+  policy, _ = build.models(config, model_config(config))
+  rules = sharding.logical_rules(config.mesh)
+  params, _ = abstract_state(lambda rng: build.boxed_init(policy, rng), mesh, rules)
+  d = config.data
+  rows = int(config[batch_key.split(".")[0]].batch_size)
+  ints = lambda *shape: jax.ShapeDtypeStruct(
+      shape, jnp.int32, sharding=sharding.batch_sharding(mesh)
+  )
+  prompt = ints(rows, d.max_prompt_len)
+  if program == "reference":
+    new_tokens = d.max_response_len
+    batch = dict(
+        prompt=prompt, prompt_mask=prompt, response=ints(rows, new_tokens), response_len=ints(rows)
+    )
+    lowered = generation.logprobs_program(policy).lower(params, batch)
+  else:
+    new_tokens = d.max_response_len if program == "sample" else int(config.eval.max_new_tokens)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+    # The token ids are static arguments; any give the same program's size.
+    lowered = sampler.generate.lower(
+        policy,
+        params,
+        prompt,
+        prompt,
+        key,
+        max_new_tokens=new_tokens,
+        eos_id=1,
+        pad_id=0,
+        temperature=float(config.sample.temperature),
+        greedy=program == "eval",
+    )
+  t0 = time.time()
+  remedies = f"a smaller --config.{batch_key}, "
+  compiled = _compile(lowered, f"the {program} program ({what})", topology, mesh, remedies)
+  mem = compiled.memory_analysis()
+  return dict(
+      topology=topology,
+      kind=kind,
+      chips=len(devices),
+      device_kind=devices[0].device_kind,
+      mesh=dict(mesh.shape),
+      program=program,
+      what=what,
+      batch=rows,
+      prompt_len=d.max_prompt_len,
+      new_tokens=new_tokens,
+      compile_s=time.time() - t0,
+      params_bytes=_shard_bytes(params),
+      arguments=mem.argument_size_in_bytes,
+      temporaries=mem.temp_size_in_bytes,
+      peak=mem.peak_memory_in_bytes,
+      hbm=chip.hbm_gib * 2**30,
+      flops_per_chip=float(compiled.cost_analysis()["flops"]),
+  )
+
+
+def format_program_report(r: dict) -> str:
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  return (
+      f"{r['program']} ({r['what']}) on {r['topology']}, mesh {mesh}: {r['batch']} rows x "
+      f"({r['prompt_len']} prompt + {r['new_tokens']} new tokens); per chip: policy parameters "
+      f"{gib(r['params_bytes'])}, arguments {gib(r['arguments'])}, temporaries "
+      f"{gib(r['temporaries'])}, peak {gib(r['peak'])} of {r['hbm'] / 2**30:.0f} GiB HBM "
+      f"({100 * r['peak'] / r['hbm']:.0f}%); "
+      # XLA's cost analysis does not multiply a while loop's body by its trips: no FLOPs for
+      # the decode loops.
+      + (f"{r['flops_per_chip']:.3e} FLOPs per chip; " if r["program"] == "reference" else "")
+      + f"compiled in {r['compile_s']:.0f}s"
+  )
+
+
 def format_report(r: dict) -> str:
   gib = lambda b: f"{b / 2**30:8.2f} GiB"
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
@@ -309,21 +421,27 @@ def format_report(r: dict) -> str:
 
 
 def run(config, topology: str) -> dict[str, dict]:
-  """Compiles the step of every training stage the config runs (sft, train) and prints each
-  report; UserError naming the first stage that does not fit, after the others' reports."""
-  stages = [s for s in ("sft", "train") if s in config.stages.split(",")] or ["train"]
+  """Compiles every jitted program of the stages the config runs (the SFT and train steps, the
+  sampler, the reference log-probs, the evaluation's decoding) and prints each report; a
+  UserError naming the first that does not fit, after the others' reports."""
+  ran = config.stages.split(",")
+  steps = [s for s in ("sft", "train") if s in ran]
+  programs = [p for p, (stage, _, _) in PROGRAMS.items() if stage in ran]
+  steps = steps or ([] if programs else ["train"])
+  jobs = [(s, compile_step, format_report) for s in steps]
+  jobs += [(p, compile_program, format_program_report) for p in programs]
   reports, failures = {}, []
-  for stage in stages:
+  for name, compile_fn, format_fn in jobs:
     try:
-      reports[stage] = compile_step(config, topology, stage)
+      reports[name] = compile_fn(config, topology, name)
     except UserError as e:
       if "does not fit" not in str(e):
         raise
       failures.append(str(e))
       continue
-    print(format_report(reports[stage]))
+    print(format_fn(reports[name]))
   if failures:
     raise UserError(failures[0])
   peaks = ", ".join(f"{s} {100 * r['peak'] / r['hbm']:.0f}%" for s, r in reports.items())
-  print(f"every step fits on {topology}: peak per chip as a share of HBM: {peaks}")
+  print(f"every program fits on {topology}: peak per chip as a share of HBM: {peaks}")
   return reports

@@ -93,8 +93,9 @@ def accuracy_by_steps(correct: np.ndarray, num_steps: np.ndarray) -> dict:
 
 
 @functools.cache
-def _logprobs_fn(model):
-  # One compilation per model and batch shape, however often the monitor calls it.
+def logprobs_program(model):
+  """The jitted reference log-prob pass of `model` (params, batch) -> [B, R]; one compilation
+  per model and batch shape, however often the monitor calls it."""
   return jax.jit(functools.partial(response_logprobs, model))
 
 
@@ -103,7 +104,7 @@ def logprobs_of(
 ) -> np.ndarray:
   """log pi(a_t|s_t) of every token of given responses, [N, R], with the training code's forward
   pass, `batch_size` rows at a time (the last batch wrapped around to full size)."""
-  fn = _logprobs_fn(model)
+  fn = logprobs_program(model)
   n, out = prompt.shape[0], []
   for start in tqdm(range(0, n, batch_size), desc="reference log-probs", leave=False):
     idx = np.arange(start, start + batch_size) % n

@@ -139,13 +139,16 @@ def adapt(model: nn.Module, lora_cfg, quantized: bool = True) -> nn.Module:
   qwix creates no adapters on the attention kernels while it traces a quantized model's init,
   and the adapters do not depend on how the base is stored)."""
   paths = "|".join(TARGETS[t] for t in targets(lora_cfg))
+  tile = int(_setting(lora_cfg, "base_tile_size"))
+  if tile and quantized and _setting(lora_cfg, "base_qtype"):
+    _check_tiles(model.cfg, targets(lora_cfg), tile)
   rule = qwix.LoraRule(
       module_path=rf"layer_\d+/({paths})",
       rank=int(lora_cfg.rank),
       alpha=float(lora_cfg.alpha),
       dropout=float(_setting(lora_cfg, "dropout")),
       weight_qtype=(_setting(lora_cfg, "base_qtype") or None) if quantized else None,
-      tile_size=int(_setting(lora_cfg, "base_tile_size")) or None,
+      tile_size=tile or None,
   )
   return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
 
@@ -154,6 +157,24 @@ def _setting(lora_cfg, key: str):
   # Adapters read back (a run's config.json from before a key existed, a PEFT import) may lack
   # the keys that do not change what they compute.
   return lora_cfg.get(key, defaults()[key])
+
+
+def _check_tiles(model_cfg, names: list[str], tile: int) -> None:
+  # qwix tiles each kernel along the input axis it contracts: d_model, or for `o` head_dim and
+  # for `down` d_ff.
+  sizes = {"o": model_cfg.head_dim, "down": model_cfg.d_ff}
+  bad = sorted(
+      {
+          f"{t} ({sizes.get(t, model_cfg.d_model)})"
+          for t in names
+          if sizes.get(t, model_cfg.d_model) % tile
+      }
+  )
+  if bad:
+    raise UserError(
+        f"config.model.lora.base_tile_size={tile} does not divide the input size of "
+        f"{', '.join(bad)}; use a divisor of each, or 0 (one scale per output channel)"
+    )
 
 
 def quantize_base(model: nn.Module, params, lora_cfg):

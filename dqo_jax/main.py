@@ -16,8 +16,9 @@ Multi-host: run the same command on every host, adding `--coordinator_address=HO
 them (`--distributed=auto`, the default). DIR must be the same for every host: a gs:// URL, or
 a directory they share (e.g. a bucket mounted with gcsfuse).
 
-`--compile_only --topology=v5p-16` instead compiles the SFT and train steps for that TPU slice
-and prints their per-chip memory and FLOPs (dqo_jax/aot.py, docs/scaling.md).
+`--compile_only --topology=v5p-16` instead compiles the run's jitted programs (SFT and train
+steps, sampler, reference log-probs, evaluation) for that TPU slice and prints their per-chip
+memory (dqo_jax/aot.py, docs/scaling.md).
 """
 
 from __future__ import annotations

@@ -104,10 +104,23 @@ def test_compile_only_reports_the_adapters_and_the_frozen_base_of_a_lora_run():
 def test_compile_only_compiles_the_sft_step_and_every_methods_step(capsys):
   config = _arith_tiny()
   config.mesh.update(data=2, fsdp=-1, tensor=1)
-  reports = aot.run(config, "v4-8")  # stages sft,...,train: the SFT and the DQO step
-  assert set(reports) == {"sft", "train"} and reports["sft"]["value_params"] == 0
+  # stages sft,...,eval: the SFT and the DQO step, the sampler, the reference log-probs and the
+  # evaluation's greedy decoding
+  reports = aot.run(config, "v4-8")
+  assert set(reports) == {"sft", "train", "sample", "reference", "eval"}
+  assert reports["sft"]["value_params"] == 0
   assert reports["sft"]["batch"] == config.sft.batch_size
-  assert capsys.readouterr().out.strip().splitlines()[-1].startswith("every step fits on v4-8")
+  for name, batch in (
+      ("sample", config.sample),
+      ("reference", config.sample),
+      ("eval", config.eval),
+  ):
+    r = reports[name]
+    assert r["batch"] == batch.batch_size and 0 < r["params_bytes"] <= r["arguments"] < r["peak"]
+  assert reports["sample"]["new_tokens"] == config.data.max_response_len
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out[-1].startswith("every program fits on v4-8")
+  assert any(line.startswith("sample (sampling: prefill, KV cache") for line in out)
   for method in ("rft", "dpo", "kto", "rloo"):
     config.method = method
     r = aot.compile_step(config, "v4-8")

@@ -13,6 +13,7 @@ import pytest
 
 from configs.arith import get_config
 from dqo_jax import lora, methods, sharding
+from dqo_jax.errors import UserError
 from dqo_jax.model import ModelConfig, policy_trunk
 from dqo_jax.train import build
 from dqo_jax.train.forward import response_logprobs, response_values
@@ -248,3 +249,8 @@ def test_adapter_dropout_draws_its_masks_from_the_step():
       float(jax.jit(plain_step.step_fn)(fresh, batch, base)[1]["loss"]),
       rtol=1e-6,
   )
+
+
+def test_tiles_that_do_not_divide_a_projection_are_refused_in_one_line():
+  with pytest.raises(UserError, match=r"base_tile_size=64 does not divide .* q \(32\)"):
+    _setup(_config(base_qtype="nf4", base_tile_size=64))

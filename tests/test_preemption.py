@@ -348,3 +348,11 @@ if __name__ == "__main__":
     print(e, file=sys.stderr)
     sys.exit(130)
   print(json.dumps(summary))
+
+
+def test_zero_steps_leave_the_initial_state_as_the_checkpoint(tmp_path):
+  """`sft.steps=0` (a pretrained model or an imported adapter evaluated as it is): the stages
+  after it read a checkpoint, the initial state."""
+  state, summary = _train(tmp_path, 0, 5)
+  assert summary["steps"] == 0 and _steps(tmp_path) == [0]
+  assert _equal(_restore(tmp_path, 0), state)

@@ -132,9 +132,9 @@ def sampled_objective(
 
 def accuracy_monitor(ctx: Context, params_of, ref_params_of=None):
   """An `on_log` hook for `fit`: every `eval.every` steps, greedy accuracy on the first
-  `eval.monitor_examples` validation problems; with `ref_params_of()` (pi_ref, for the methods trained
-  from the SFT policy) also `sampled_objective` on as many training and validation prompts, whose
-  difference is the generalisation gap of what the method optimises."""
+  `eval.monitor_examples` validation problems; with `ref_params_of()` (pi_ref, for the methods
+  trained from the SFT policy) also `sampled_objective` on as many training and validation
+  prompts, whose difference is the generalisation gap of what the method optimises."""
   cfg = ctx.config
   every, n = cfg.eval.every, cfg.eval.monitor_examples
   beta = float(cfg.dqo.beta)

@@ -47,15 +47,17 @@ def run(ctx: Context) -> dict:
   cfg = ctx.config
   name = methods.run_name(cfg)
   held = dict(sft=ctx.sft_params())
-  reference = lambda: held["sft"]
+
+  def reference():
+    # pi_ref: the SFT policy; with QLoRA, which holds it only quantized once the base is built,
+    # that base dequantized when read (also where the policy starts).
+    return held["sft"] if held["sft"] is not None else lora.dequantize(base)
+
   view = methods.of(cfg).view(train_data(ctx, reference))
   step = build_train_step(cfg, ctx.model_cfg, ctx.mesh, view)
   base = step.base_of(held["sft"])  # LoRA's frozen base, else None
-  if cfg.model.lora.get("base_qtype") and step.adapters:
-    # QLoRA holds the SFT policy only quantized; pi_ref is then that base dequantized on reading,
-    # which is also where the policy starts.
+  if step.quantized_base:
     held["sft"] = None
-    reference = lambda: lora.dequantize(base)
   _, summary = fit(
       stage_dir=ctx.stage_dir(name),
       init_fn=step.init_fn,

@@ -95,6 +95,11 @@ class TrainStep:
   def adapters(self) -> bool:
     return self.adapted_model is not None
 
+  @property
+  def quantized_base(self) -> bool:
+    """QLoRA: the frozen base's projections are stored quantized (`model.lora.base_qtype`)."""
+    return self.adapters and bool(self.config.model.lora.base_qtype)
+
   @functools.cached_property
   def step_fn(self) -> Callable:
     return self.make_step()
@@ -146,10 +151,9 @@ class TrainStep:
     `model.lora.base_qtype`, their targeted kernels quantized; None without adapters."""
     if not self.adapters:
       return None
-    lora_cfg = self.config.model.lora
-    if not lora_cfg.base_qtype:
+    if not self.quantized_base:
       return params
-    quantize = lambda p: lora.quantize_base(self.policy_model, p, lora_cfg)
+    quantize = lambda p: lora.quantize_base(self.policy_model, p, self.config.model.lora)
     return jax.jit(quantize, out_shardings=self.base_shardings)(params)
 
   def policy_params(self, state, base=None):

@@ -169,6 +169,10 @@ def fit(
   skipped, streak = skipped_at.get(str(start), 0), 0
   t0 = time.time()
   try:
+    if num_steps == 0 and not start:
+      # No step still leaves a checkpoint, the initial state, for the stages that read this
+      # one's (`sft.steps=0`: the pretrained model, or an imported adapter, as it is).
+      ckpt.save(0, state, force=True)
     with _stop_requests() as stop, tqdm(
         total=num_steps,
         initial=start,
