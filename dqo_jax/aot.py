@@ -179,6 +179,17 @@ def _slice_mesh(config, topology: str, batch_key: str):
   return kind, chip, devices, mesh
 
 
+def _slice_fields(topology: str, kind: str, devices, mesh) -> dict:
+  """What every report says of the slice and the mesh."""
+  return dict(
+      topology=topology,
+      kind=kind,
+      chips=len(devices),
+      device_kind=devices[0].device_kind,
+      mesh=dict(mesh.shape),
+  )
+
+
 def _compile(lowered, what: str, topology: str, mesh, remedies: str):
   """`lowered.compile()`; a UserError saying by how much `what` does not fit, if it does not."""
   try:
@@ -237,11 +248,7 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
   flops = float(cost["flops"])
   step_s = flops / (chip.peak_tflops * 1e12)
   return dict(
-      topology=topology,
-      kind=kind,
-      chips=len(devices),
-      device_kind=devices[0].device_kind,
-      mesh=dict(mesh.shape),
+      **_slice_fields(topology, kind, devices, mesh),
       model=config.model.get("name") or f"{model_cfg.n_layers}-layer d{model_cfg.d_model}",
       params=_count(
           jax.eval_shape(lambda: build.boxed_init(built.policy_model, jax.random.key(0)))
@@ -339,11 +346,7 @@ def compile_program(config, topology: str, program: str) -> dict:
   compiled = _compile(lowered, f"the {program} program ({what})", topology, mesh, remedies)
   mem = compiled.memory_analysis()
   return dict(
-      topology=topology,
-      kind=kind,
-      chips=len(devices),
-      device_kind=devices[0].device_kind,
-      mesh=dict(mesh.shape),
+      **_slice_fields(topology, kind, devices, mesh),
       program=program,
       what=what,
       batch=rows,
