@@ -174,14 +174,11 @@ def _fit(workdir, step, base, steps):
   )
 
 
-@pytest.mark.parametrize("qlora", [False, True])
-def test_an_adapter_run_resumes_bit_for_bit_from_checkpoints_of_the_adapters_alone(tmp_path, qlora):
+def test_an_adapter_run_resumes_bit_for_bit_from_checkpoints_of_the_adapters_alone(tmp_path):
   """Over two devices (the batch split in two): six steps straight, and three steps then a
-  restart that resumes at step 3, end equal; the checkpoints hold no base weight. With a
-  quantized base (QLoRA, quantized anew from the same weights on a restart) and adapter dropout
-  too (its masks drawn by step)."""
-  extra = dict(base_qtype="nf4", base_tile_size=8, dropout=0.1) if qlora else {}
-  step, base = _setup(_config(**extra), devices=2)
+  restart that resumes at step 3, end equal; the checkpoints hold no base weight. (With QLoRA
+  and dropout: tests/test_preemption.py, killed with SIGKILL.)"""
+  step, base = _setup(_config(), devices=2)
   base = step.base_of(jax.device_put(base, step.plain_shardings))
   straight, _ = _fit(tmp_path / "straight", step, base, 6)
   _fit(tmp_path / "resumed", step, base, 3)

@@ -40,7 +40,7 @@ from helpers import DQO, OPT, RULES, dqo_setup, random_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
-ADAPTER_STEPS = 12
+ADAPTER_STEPS = 8
 
 
 def _mesh():
@@ -204,7 +204,7 @@ def test_an_adapter_run_killed_at_a_random_step_ends_exactly_like_an_uninterrupt
   _finish(reference, ADAPTER_STEPS, 1, adapters=True)
   workdir = tmp_path / "run"
   proc = _start(workdir, ADAPTER_STEPS, 1, adapters=True, stdout=subprocess.DEVNULL)
-  _wait_for_step(workdir, proc, random.Random(1).randint(3, 8))
+  _wait_for_step(workdir, proc, random.Random(1).randint(3, 6))
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL
   _, summary = _finish(workdir, ADAPTER_STEPS, 1, adapters=True)
