@@ -168,7 +168,7 @@ def _slice_mesh(config, topology: str, batch_key: str):
     mesh = sharding.make_mesh(config.mesh, devices)
   except ValueError as e:
     raise UserError(f"{e} (--topology={topology} has {len(devices)} chips)") from None
-  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_ways = sharding.batch_rows(mesh)
   section, name = batch_key.split(".")
   batch_size = int(config[section][name])
   if batch_size % data_ways:
@@ -317,7 +317,8 @@ def compile_program(config, topology: str, program: str) -> dict:
   ints = lambda *shape: jax.ShapeDtypeStruct(
       shape, jnp.int32, sharding=sharding.batch_sharding(mesh)
   )
-  prompt = ints(rows, d.max_prompt_len)
+  k = int(config.sample.samples_per_prompt) if program == "sample" else 1
+  prompt = ints(generation.prompts_per_call(rows, k, mesh), d.max_prompt_len)
   if program == "reference":
     new_tokens = d.max_response_len
     batch = dict(
@@ -340,6 +341,7 @@ def compile_program(config, topology: str, program: str) -> dict:
         pad_id=0,
         temperature=float(config.sample.temperature),
         greedy=program == "eval",
+        samples_per_prompt=k,
     )
   t0 = time.time()
   remedies = f"a smaller --config.{batch_key}, "

@@ -16,6 +16,13 @@ from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train.forward import response_logprobs
 
 
+def prompts_per_call(batch_size: int, samples_per_prompt: int, mesh) -> int:
+  """Prompts per `generate` call for about `batch_size` decoded rows: a multiple of the devices
+  the batch is split over, at least one per device."""
+  per_device = max(1, batch_size // samples_per_prompt // sharding.batch_rows(mesh))
+  return per_device * sharding.batch_rows(mesh)
+
+
 def generate_all(
     model: Transformer,
     params,
@@ -29,18 +36,36 @@ def generate_all(
     max_new_tokens: int,
     temperature: float = 1.0,
     greedy: bool = False,
+    samples_per_prompt: int = 1,
+    width_multiple: int = 16,
     desc: str = "generate",
 ) -> Samples:
-  """Runs `generate` over all rows in fixed-size batches (the last one padded) -> numpy Samples."""
+  """Runs `generate` over all N prompts in fixed-size batches (the last one padded) -> numpy
+  Samples of N * K rows, prompt-major (row i * K + j: sample j of prompt i).
+
+  With K = `samples_per_prompt` > 1 each prompt is prefilled once and decoded K times
+  (`generate`'s shared prefix); `batch_size` counts decoded rows, so a call takes
+  batch_size // K prompts (at least one per device of the batch axes).
+
+  `width_multiple` > 0: a batch's prompts lose the leading columns that are padding in every
+  row, rounded to a multiple of it (one compiled program per width that occurs): the prefill
+  and every decode step's attention then span fewer slots. 0: every batch at the full width.
+  """
+  k = samples_per_prompt
   n = prompt.shape[0]
+  per_call = prompts_per_call(batch_size, k, mesh)
   outs = []
-  for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
-    idx = np.arange(start, start + batch_size) % n  # wrap: one static shape for every batch
+  for start in tqdm(range(0, n, per_call), desc=desc, leave=False):
+    idx = np.arange(start, start + per_call) % n  # wrap: one static shape for every batch
+    cols = slice(0, None)
+    if width_multiple > 0:
+      used = prompt.shape[1] - int(np.argmax(prompt_mask[idx].any(0)))
+      cols = slice(-min(-(-used // width_multiple) * width_multiple, prompt.shape[1]), None)
     rng, key = jax.random.split(rng)
     s = generate(
         model,
         params,
-        *sharding.put_batch((prompt[idx], prompt_mask[idx]), mesh),
+        *sharding.put_batch((prompt[idx, cols], prompt_mask[idx, cols]), mesh),
         key,
         max_new_tokens=max_new_tokens,
         eos_id=tok.eos_id,
@@ -48,8 +73,10 @@ def generate_all(
         pad_id=tok.pad_id,
         temperature=temperature,
         greedy=greedy,
+        samples_per_prompt=k,
     )
-    outs.append(jax.tree.map(lambda x: x[: min(batch_size, n - start)], distributed.fetch(s)))
+    keep = min(per_call, n - start) * k
+    outs.append(jax.tree.map(lambda x: x[:keep], distributed.fetch(s)))
   return Samples(*(np.concatenate(parts) for parts in zip(*outs)))
 
 

@@ -202,7 +202,7 @@ def run_pipeline(config, workdir: str, cache_dir: str = "", redo_stages=()) -> d
         "use xla (--compile_only compiles it for a TPU slice from any machine)"
     )
   mesh = sharding.make_mesh(config.mesh)
-  check_batches(config, mesh.shape["data"] * mesh.shape["fsdp"])
+  check_batches(config, sharding.batch_rows(mesh))
   redo.check(list(redo_stages), stages)
   wd = open_workdir(workdir, cache_dir)
   with workdir_lock.held(wd):  # before anything is written there

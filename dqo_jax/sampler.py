@@ -69,6 +69,7 @@ def _argmax(x):
         "greedy",
         "stop_sequences",
         "mesh",
+        "samples_per_prompt",
     ),
 )
 def generate(
@@ -86,8 +87,13 @@ def generate(
     greedy: bool = False,
     stop_sequences: tuple[tuple[int, ...], ...] = (),
     mesh=None,
+    samples_per_prompt: int = 1,
 ) -> Samples:
   """Samples up to `max_new_tokens` per prompt; stops early once every row has ended.
+
+  `samples_per_prompt` = K: each of the B prompts is prefilled once and its cache copied to K
+  rows, which decode independently; the result has B * K rows, prompt-major (row i * K + j is
+  sample j of prompt i), each distributed as if its prompt had been prefilled on its own.
 
   `stop_ids`: ids that end a row as `eos_id` does (FINISH_EOS), e.g. `Tokenizer.stop_ids`.
   `stop_sequences` is a tuple of token-id tuples (static: one compiled program per set). With
@@ -109,6 +115,10 @@ def generate(
       {"params": params}, prompt, prompt_mask, cache=cache, cache_index=0, first_output=p - 1
   )
   last = logits[:, -1]
+  if samples_per_prompt > 1:
+    b *= samples_per_prompt
+    copies = lambda x: by_row(jnp.repeat(x, samples_per_prompt, axis=0))
+    cache, last = jax.tree.map(copies, (cache, last))
   if stop_sequences:
     table, used = _stop_table(stop_sequences)
     width = table.shape[1]

@@ -125,6 +125,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 
 
+def batch_rows(mesh: Mesh | None) -> int:
+  """How many devices a batch is split over: its row count must divide by this."""
+  return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

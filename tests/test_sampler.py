@@ -239,3 +239,70 @@ def test_every_stop_id_ends_a_row_and_the_reward_sees_the_text_up_to_it():
   rewards_cfg = SimpleNamespace(correct=1.0, incorrect=0.0, unparseable=-1.0)
   texts, grades, reward = grade_samples("gsm8k", tok, samples, [f"#### {k}"] * 2, rewards_cfg)
   assert texts[0] == f"#### {k}" and grades[0].correct and reward[0] == 1.0
+
+
+def test_a_shared_prefix_decodes_as_the_repeated_prompt_does():
+  """K samples from one prefill against K prefills of the same prompt: greedy tokens and their
+  log-probs equal; sampled rows carry the per-token log-probs of the full forward pass, and the
+  K copies of a prompt draw different continuations."""
+  model, params, prompt, mask = _setup()
+  k = 3
+  kw = dict(max_new_tokens=6, eos_id=EOS, pad_id=PAD)
+  greedy = dict(kw, greedy=True)
+  shared = generate(model, params, prompt, mask, jax.random.key(1), samples_per_prompt=k, **greedy)
+  rows = np.repeat(np.arange(len(prompt)), k)
+  repeated = generate(model, params, prompt[rows], mask[rows], jax.random.key(1), **greedy)
+  np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(repeated.tokens))
+  np.testing.assert_array_equal(np.asarray(shared.lengths), np.asarray(repeated.lengths))
+  np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
+
+  s = generate(model, params, prompt, mask, jax.random.key(5), samples_per_prompt=k, **kw)
+  toks = np.asarray(s.tokens)
+  assert toks.shape == (len(prompt) * k, 6)
+  assert len({tuple(t) for t in toks[:k]}) > 1, "the copies of a prompt should differ"
+  full = np.concatenate([prompt[rows], toks], 1)
+  full_mask = np.concatenate([mask[rows], np.ones_like(toks)], 1)
+  logits, _ = model.apply({"params": params}, full, full_mask)
+  logp = jax.nn.log_softmax(logits[:, prompt.shape[1] - 1 : -1], -1)
+  expected = np.take_along_axis(np.asarray(logp), toks[..., None], -1)[..., 0]
+  live = np.arange(6)[None] < np.asarray(s.lengths)[:, None]
+  np.testing.assert_allclose(np.asarray(s.logprobs)[live], expected[live], atol=1e-4)
+
+
+def test_rollouts_in_length_order_from_shared_prefixes_come_back_in_prefix_order():
+  """Greedy completions do not depend on the batching, so every way of batching the rollouts
+  must return the same rows: prefix i's M completions at rows i * M ... i * M + M - 1."""
+  from types import SimpleNamespace
+
+  from dqo_jax.stages.rollouts import sample_rollouts
+
+  model, params, _, _ = _setup()
+  rng = np.random.default_rng(0)
+  prefixes = rng.integers(4, CFG.vocab_size, (5, 4)).astype(np.int32)
+  mask = np.ones_like(prefixes)
+  mask[1, :2] = mask[3, :1] = 0
+  prefixes[mask == 0] = PAD
+  tok = SimpleNamespace(eos_id=EOS, stop_ids=(EOS,), pad_id=PAD)
+  m = 2
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  kw = dict(tok=tok, mesh=mesh, batch_size=4, max_new_tokens=5, greedy=True)
+  remaining = np.array([1, 5, 2, 4, 3])
+  ways = [
+      sample_rollouts(
+          model,
+          params,
+          prefixes,
+          mask,
+          remaining,
+          m,
+          jax.random.key(0),
+          shared_prefix=s,
+          by_length=b,
+          **kw,
+      )
+      for s, b in [(False, False), (True, False), (False, True), (True, True)]
+  ]
+  single = [_greedy(model, params, prefixes[i : i + 1], mask[i : i + 1], 5) for i in range(5)]
+  expected = np.repeat(np.concatenate([np.asarray(s.tokens) for s in single]), m, axis=0)
+  for w in ways:
+    np.testing.assert_array_equal(w.tokens, expected)

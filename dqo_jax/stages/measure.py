@@ -66,14 +66,15 @@ def sampled_accuracy(
   samples = generate_all(
       ctx.policy_model,
       params,
-      enc.arrays["prompt"][rows],
-      enc.arrays["prompt_mask"][rows],
+      enc.arrays["prompt"][:n],
+      enc.arrays["prompt_mask"][:n],
       rng.key(cfg.seed, "eval.sampled"),
       tok=ctx.tokenizer,
       mesh=ctx.mesh,
       batch_size=cfg.eval.batch_size,
       max_new_tokens=cfg.eval.max_new_tokens,
       temperature=cfg.sample.temperature,
+      samples_per_prompt=k,
       desc=desc,
   )
   refs = [enc.examples[i]["solution"] for i in rows]

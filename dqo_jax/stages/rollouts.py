@@ -16,7 +16,7 @@ from dqo_jax import rewards, rng
 from dqo_jax.data.batches import left_pad
 from dqo_jax.data.views import is_success
 from dqo_jax.generation import generate_all
-from dqo_jax.sampler import FINISH_EOS
+from dqo_jax.sampler import FINISH_EOS, Samples
 from dqo_jax.stages import artifacts
 from dqo_jax.stages.context import Context
 
@@ -39,41 +39,101 @@ def delimiter_test(tok, delimiter: str):
   return is_delimiter
 
 
-def run(ctx: Context) -> dict:
-  cfg, tok = ctx.config, ctx.tokenizer
-  ps, data = cfg.dqo.process, cfg.data
-  records = artifacts.read_samples(ctx)
-  is_delimiter = delimiter_test(tok, ps.delimiter)
-  boundaries = [step_boundaries(r["response"], is_delimiter) for r in records]
+def sample_rollouts(
+    model,
+    params,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    remaining: np.ndarray,
+    m: int,
+    key,
+    *,
+    shared_prefix: bool = True,
+    by_length: bool = True,
+    trim: bool = True,
+    **generate_kw,
+) -> Samples:
+  """M completions of each of N left-padded prefixes [N, W] -> Samples of N * M rows,
+  prefix-major (row i * M + j: completion j of prefix i).
 
-  # Every distinct prefix: (prompt index, response tokens up to and including b_j).
-  prefix_id, prefixes = {}, []
+  `shared_prefix`: each prefix is prefilled once and decoded M times. `by_length`: prefixes go
+  through the sampler in the order of their expected completion length (`remaining` [N], what
+  the offline sample they came from still generated), so that the rows of a batch end at about
+  the same step instead of waiting for the batch's longest. `trim`: a batch's prefixes lose the
+  columns that are padding in all of them (`generate_all`'s width_multiple). They change the order of the random draws, not the
+  distribution of a completion (benchmarks/rollouts.py compares the ways).
+  """
+  n = tokens.shape[0]
+  order = np.argsort(-remaining, kind="stable") if by_length else np.arange(n)
+  if shared_prefix:
+    rows, k = order, m
+  else:
+    rows, k = np.repeat(order, m), 1
+  s = generate_all(
+      model,
+      params,
+      tokens[rows],
+      mask[rows],
+      key,
+      samples_per_prompt=k,
+      width_multiple=16 if trim else 0,
+      desc=f"rollouts {m} x {n} prefixes",
+      **generate_kw,
+  )
+  # Row r of `s` is a completion of prefix order[r // M]: put prefix i's M completions at
+  # rows i * M ... i * M + M - 1.
+  inverse = np.empty(n, np.int64)
+  inverse[order] = np.arange(n)
+  back = (inverse[:, None] * m + np.arange(m)[None]).reshape(-1)
+  return Samples(*(x[back] for x in s))
+
+
+def distinct_prefixes(ctx: Context, records: list[dict]):
+  """The rollouts' starting points: each sample's step boundaries, every distinct prefix
+  (prompt index, response tokens up to and including b_j) with its id, the prefixes left-padded
+  ([N, W] tokens and mask), and for each the most tokens any sample sharing it went on for (how
+  long its rollouts will likely run)."""
+  tok, data = ctx.tokenizer, ctx.config.data
+  is_delimiter = delimiter_test(tok, ctx.config.dqo.process.delimiter)
+  boundaries = [step_boundaries(r["response"], is_delimiter) for r in records]
+  prefix_id, prefixes, remaining = {}, [], []
   for r, bs in zip(records, boundaries):
     for end in [0] + [b + 1 for b in bs]:
       key = (r["prompt_index"], tuple(r["response"][:end]))
       if key not in prefix_id:
         prefix_id[key] = len(prefixes)
         prefixes.append((r, end))
-
-  m = int(ps.rollouts_per_step)
-  rows = np.repeat(np.arange(len(prefixes)), m)
+        remaining.append(0)
+      j = prefix_id[key]
+      remaining[j] = max(remaining[j], len(r["response"]) - end)
   tokens, mask = left_pad(
       [r["prompt"] + r["response"][:end] for r, end in prefixes],
       data.max_prompt_len + data.max_response_len,
       tok.pad_id,
   )
-  samples = generate_all(
+  return boundaries, prefix_id, prefixes, tokens, mask, np.array(remaining)
+
+
+def run(ctx: Context) -> dict:
+  cfg, tok = ctx.config, ctx.tokenizer
+  ps, data = cfg.dqo.process, cfg.data
+  records = artifacts.read_samples(ctx)
+  boundaries, prefix_id, prefixes, tokens, mask, remaining = distinct_prefixes(ctx, records)
+  m = int(ps.rollouts_per_step)
+  rows = np.repeat(np.arange(len(prefixes)), m)
+  samples = sample_rollouts(
       ctx.policy_model,
       ctx.sft_params(),
-      tokens[rows],
-      mask[rows],
+      tokens,
+      mask,
+      remaining,
+      m,
       rng.key(cfg.seed, "rollouts"),
       tok=tok,
       mesh=ctx.mesh,
       batch_size=ps.batch_size,
       max_new_tokens=data.max_response_len,
       temperature=cfg.sample.temperature,
-      desc=f"rollouts {m} x {len(prefixes)} prefixes",
   )
   texts, references, fits = [], [], []
   for j, row in enumerate(rows):

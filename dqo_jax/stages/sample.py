@@ -28,21 +28,22 @@ def run(ctx: Context) -> dict:
   n_prompts = len(pool) if s.num_prompts < 0 else min(s.num_prompts, len(pool))
   k = s.samples_per_prompt
   prompt_index = np.repeat(np.arange(n_prompts), k)
-  prompt = pool.arrays["prompt"][prompt_index]
-  prompt_mask = pool.arrays["prompt_mask"][prompt_index]
   samples = generate_all(
       ctx.policy_model,
       params,
-      prompt,
-      prompt_mask,
+      pool.arrays["prompt"][:n_prompts],
+      pool.arrays["prompt_mask"][:n_prompts],
       rng.key(cfg.seed, "sample"),
       tok=tok,
       mesh=ctx.mesh,
       batch_size=s.batch_size,
       max_new_tokens=cfg.data.max_response_len,
       temperature=s.temperature,
+      samples_per_prompt=k,
       desc=f"sample {k} x {n_prompts} prompts",
   )
+  prompt = pool.arrays["prompt"][prompt_index]
+  prompt_mask = pool.arrays["prompt_mask"][prompt_index]
   examples = [pool.examples[i] for i in prompt_index]
   texts, grades, reward = grade_samples(
       cfg.data.task, tok, samples, [e["solution"] for e in examples], cfg.rewards
