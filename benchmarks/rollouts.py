@@ -43,6 +43,7 @@ SIZES = dict(
     large=dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536),
 )
 K = M = 4
+REFILL = 32  # rows refilled at a time
 
 
 def _config(size: str, quick: bool):
@@ -64,116 +65,129 @@ def _workload(size: str, quick: bool, root: str):
   return ctx, ctx.sft_params(), artifacts.read_samples(ctx)
 
 
+def _compare(ways: dict, repeats: int, label: str, target_way: str, target: float, note: str):
+  """Times every way of doing the same work (zero-argument functions returning Samples) side
+  by side; a row per way against the first ("today"): generated tokens/s and the wall ratio."""
+  out = {}
+
+  def timed(name, fn):
+    def run():
+      out[name] = fn()
+      return out[name].tokens
+
+    return run
+
+  t = interleaved({name: timed(name, fn) for name, fn in ways.items()}, repeats)
+  today = list(ways)[0]
+  wall = {name: float(np.median(v)) for name, v in t.items()}
+  tps = {name: int(out[name].lengths.sum()) / wall[name] for name in ways}
+  return [
+      row(
+          f"{label}, {name} vs {today}",
+          tps[name],
+          baseline=tps[today],
+          ratio=median_ratio(t[today], t[name]),
+          target=target if name == target_way else None,
+          at_least=True,
+          unit="generated tokens/s; ratio: wall time, today / new",
+          notes=f"{note}; wall {wall[name]:.2f} s vs {wall[today]:.2f} s, median of {repeats}",
+      )
+      for name in list(ways)[1:]
+  ]
+
+
 def _rows_for(size: str, quick: bool, root: str) -> list[dict]:
   ctx, params, records = _workload(size, quick, root)
   c, repeats = ctx.config, 1 if quick else 3
-  common = dict(
-      tok=ctx.tokenizer,
-      mesh=ctx.mesh,
-      max_new_tokens=c.data.max_response_len,
-      temperature=c.sample.temperature,
-  )
+  common = dict(tok=ctx.tokenizer, mesh=ctx.mesh, max_new_tokens=c.data.max_response_len)
   _, _, prefixes, tokens, mask, remaining = distinct_prefixes(ctx, records)
-  outputs = {}
-
-  def rollouts(shared: bool, by_length: bool, trim: bool):
-    def fn():
-      s = sample_rollouts(
-          ctx.policy_model,
-          params,
-          tokens,
-          mask,
-          remaining,
-          M,
-          rng.key(0, "rollouts"),
-          shared_prefix=shared,
-          by_length=by_length,
-          trim=trim,
-          batch_size=c.dqo.process.batch_size,
-          **common,
-      )
-      outputs[(shared, by_length, trim)] = s
-      return s.tokens
-
-    return fn
-
-  ways = {
-      "today": (False, False, False),
-      "shared": (True, False, False),
-      "shared+ordered": (True, True, False),
-      "shared+ordered+trimmed": (True, True, True),
-  }
-  t = interleaved({name: rollouts(*w) for name, w in ways.items()}, repeats)
-  generated = {name: int(outputs[w].lengths.sum()) for name, w in ways.items()}
   model_note = (
       f"{size} model ({ctx.model_cfg.n_layers} layers, d_model {ctx.model_cfg.d_model}) after "
-      f"{c.sft.steps} SFT steps; {len(prefixes)} distinct prefixes of {len(records)} samples x "
-      f"{M} rollouts, batch {c.dqo.process.batch_size} rows, float32 CPU, median of {repeats}"
+      f"{c.sft.steps} SFT steps, float32 CPU"
   )
-  rows = []
-  for name in list(ways)[1:]:
-    med = float(np.median(t[name]))
-    rows.append(
-        row(
-            f"rollouts stage, {name} vs today ({size})",
-            generated[name] / med,
-            baseline=generated["today"] / float(np.median(t["today"])),
-            ratio=median_ratio(t["today"], t[name]),
-            target=3.0 if name == "shared+ordered+trimmed" else None,
-            at_least=True,
-            unit="generated tokens/s; ratio: wall time, today / new",
-            notes=f"{model_note}; wall {med:.1f} s vs {np.median(t['today']):.1f} s",
-        )
+
+  def rollouts(shared, by_length, trim, refill=0):
+    return lambda: sample_rollouts(
+        ctx.policy_model,
+        params,
+        tokens,
+        mask,
+        remaining,
+        M,
+        rng.key(0, "rollouts"),
+        shared_prefix=shared,
+        by_length=by_length,
+        trim=trim,
+        refill_rows=refill,
+        batch_size=c.dqo.process.batch_size,
+        **common,
     )
 
-  n = 64 if quick else 512
-  prompts = ctx.rl_prompts.arrays["prompt"][:n], ctx.rl_prompts.arrays["prompt_mask"][:n]
-  sampled = {}
-
-  def sample(k: int):
-    # Today: each prompt repeated K times, every batch at the full width.
-    rows_, width = np.repeat(np.arange(n), K // k), 16 if k > 1 else 0
-
-    def fn():
-      s = generate_all(
-          ctx.policy_model,
-          params,
-          prompts[0][rows_],
-          prompts[1][rows_],
-          rng.key(0, "sample"),
-          batch_size=c.sample.batch_size,
-          samples_per_prompt=k,
-          width_multiple=width,
-          **common,
-      )
-      sampled[k] = s
-      return s.tokens
-
-    return fn
-
-  t = interleaved({"repeated": sample(1), "shared": sample(K)}, repeats)
-  tps = {
-      k: int(sampled[k].lengths.sum()) / float(np.median(t[name]))
-      for k, name in ((1, "repeated"), (K, "shared"))
-  }
-  rows.append(
-      row(
-          f"sample stage K={K}, one prefill per prompt, trimmed width vs today ({size})",
-          tps[K],
-          baseline=tps[1],
-          ratio=tps[K] / tps[1],
-          target=1.5,
-          at_least=True,
-          unit="generated tokens/s",
-          notes=(
-              f"{n} prompts x {K}, batch {c.sample.batch_size} rows, response lengths "
-              f"{int(np.percentile(sampled[K].lengths, 10))}-"
-              f"{int(np.percentile(sampled[K].lengths, 90))} (10th-90th percentile); "
-              f"{model_note.split(';')[0]}, median of {repeats}"
-          ),
-      )
+  out = _compare(
+      {
+          "today": rollouts(False, False, False),
+          "shared": rollouts(True, False, False),
+          "shared+ordered": rollouts(True, True, False),
+          "shared+ordered+trimmed": rollouts(True, True, True),
+          "refilled slots": rollouts(True, False, True, refill=REFILL),
+      },
+      repeats,
+      f"rollouts stage ({size})",
+      "shared+ordered+trimmed",
+      3.0,
+      f"{model_note}; {len(prefixes)} distinct prefixes of {len(records)} samples x {M} "
+      f"rollouts, batch {c.dqo.process.batch_size} rows (refilled {REFILL} at a time)",
   )
-  return rows
+
+  n = 64 if quick else 512
+  prompt, prompt_mask = (
+      ctx.rl_prompts.arrays["prompt"][:n],
+      ctx.rl_prompts.arrays["prompt_mask"][:n],
+  )
+  repeated = np.repeat(np.arange(n), K)
+
+  def sample(k, width, refill=0, greedy=False, rows=None):
+    rows = np.arange(n) if rows is None else rows
+    return lambda: generate_all(
+        ctx.policy_model,
+        params,
+        prompt[rows],
+        prompt_mask[rows],
+        rng.key(0, "sample"),
+        batch_size=c.sample.batch_size,
+        samples_per_prompt=k,
+        width_multiple=width,
+        refill_rows=refill,
+        greedy=greedy,
+        temperature=c.sample.temperature,
+        **common,
+    )
+
+  out += _compare(
+      {
+          "today": sample(1, 0, rows=repeated),
+          "shared+trimmed": sample(K, 16),
+          "shared+refilled": sample(K, 16, refill=REFILL),
+      },
+      repeats,
+      f"sample stage K={K} ({size})",
+      "shared+trimmed",
+      1.5,
+      f"{model_note}; {n} prompts x {K}, batch {c.sample.batch_size} rows (refilled {REFILL} "
+      "at a time)",
+  )
+  greedy = _compare(
+      {"batches": sample(1, 16, greedy=True), "refilled": sample(1, 16, REFILL, greedy=True)},
+      repeats,
+      f"greedy decoding ({size})",
+      "",
+      0.0,
+      f"{model_note}; {n} prompts, batch {c.sample.batch_size} rows (refilled {REFILL} at a time)",
+  )
+  a, b = sample(1, 16, greedy=True)(), sample(1, 16, REFILL, greedy=True)()
+  same = int((a.tokens == b.tokens).all(1).sum())
+  greedy[0]["notes"] += f"; greedy tokens identical in {same}/{n} rows"
+  return out + greedy
 
 
 def rows(quick: bool, root: str = "", sizes=None) -> list[dict]:

@@ -84,7 +84,9 @@ def get_config(arg: str = ""):
   # for the train stage E[R] - beta KL of fresh samples on as many train and validation prompts
   # (0 = off); samples_per_problem = k: also the accuracy of temperature samples, pass@k and
   # maj@k (0 = off)
-  c.eval.update(batch_size=250, max_new_tokens=64, monitor_examples=250, samples_per_problem=4)
+  c.eval.update(
+      batch_size=250, max_new_tokens=64, monitor_examples=250, samples_per_problem=4, refill_rows=32
+  )
 
   if arg == "all_gold":
     c.data.num_gold = -1
@@ -93,10 +95,11 @@ def get_config(arg: str = ""):
     c.data.update(num_train=256, num_test=64, num_validation=32, num_gold=150)
     c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
     c.sft.update(steps=20, batch_size=8)
-    c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32)
+    # Refilled decode slots 8 rows at a time: the tests run the pipeline through them.
+    c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32, refill_rows=8)
     c.train.update(steps=10, batch_size=8)
     c.dqo.process.update(rollouts_per_step=2, batch_size=64)
-    c.eval.update(batch_size=32, every=10, monitor_examples=32)
+    c.eval.update(batch_size=32, every=10, monitor_examples=32, refill_rows=8)
     c.checkpoint.update(every=5)
     c.log_every = 5
   elif arg:

@@ -87,7 +87,16 @@ def base_config():
       optimizer=optimizer(1e-5, 50),
       max_consecutive_nonfinite=10,
   )
-  c.sample = dict(num_prompts=-1, samples_per_prompt=4, temperature=1.0, batch_size=64)
+  c.sample = dict(
+      num_prompts=-1,
+      samples_per_prompt=4,
+      temperature=1.0,
+      batch_size=64,
+      # C > 0: refilled decode slots (sample stage and rollouts): whenever C of the batch_size
+      # rows have ended, C new ones are prefilled into them, so no row waits for the batch's
+      # longest. Faster, and other random draws than batches (0) from the same distribution.
+      refill_rows=0,
+  )
   # Rewards of a verified response; a response cut at the length limit counts as unparseable.
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)
   add_methods(c, steps=1000, batch_size=64, policy_lr=1e-6, value_lr=1e-5, beta=0.1)
@@ -99,6 +108,9 @@ def base_config():
       every=200,
       monitor_examples=128,
       samples_per_problem=0,
+      # Greedy decoding (the eval stage and the monitor) in refilled decode slots, C rows
+      # refilled at a time (see sample.refill_rows): the same tokens as batches; 0: batches.
+      refill_rows=16,
       test=True,  # False: the eval stage scores validation only (dqo_jax.compare --split)
   )
   return c

@@ -329,20 +329,36 @@ def compile_program(config, topology: str, program: str) -> dict:
     new_tokens = d.max_response_len if program == "sample" else int(config.eval.max_new_tokens)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+    refill = int(config[batch_key.split(".")[0]].refill_rows)
     # The token ids are static arguments; any give the same program's size.
-    lowered = sampler.generate.lower(
-        policy,
-        params,
-        prompt,
-        prompt,
-        key,
-        max_new_tokens=new_tokens,
-        eos_id=1,
-        pad_id=0,
-        temperature=float(config.sample.temperature),
-        greedy=program == "eval",
-        samples_per_prompt=k,
-    )
+    ids = dict(eos_id=1, pad_id=0, temperature=float(config.sample.temperature))
+    if refill > 0:
+      # Refilled decode slots: the decode loop over `rows` slots holds the cache; each refill
+      # prefills refill_rows / K prompts, a smaller program not compiled here.
+      what = f"{what}, refilled decode slots"
+      slots = jax.eval_shape(
+          lambda: sampler.empty_slots(
+              policy, rows, d.max_prompt_len, new_tokens, jax.random.key(0), width=1
+          )
+      )
+      placed = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+      by_row = sharding.batch_sharding(mesh)
+      slots = jax.tree.map(lambda x: placed(x, by_row), slots._replace(rng=None))._replace(rng=key)
+      lowered = sampler.decode_slots.lower(
+          policy, params, slots, jnp.int32(rows), greedy=program == "eval", **ids
+      )
+    else:
+      lowered = sampler.generate.lower(
+          policy,
+          params,
+          prompt,
+          prompt,
+          key,
+          max_new_tokens=new_tokens,
+          greedy=program == "eval",
+          samples_per_prompt=k,
+          **ids,
+      )
   t0 = time.time()
   remedies = f"a smaller --config.{batch_key}, "
   compiled = _compile(lowered, f"the {program} program ({what})", topology, mesh, remedies)

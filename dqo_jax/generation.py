@@ -11,6 +11,7 @@ import numpy as np
 from dqo_jax import distributed, rewards, sharding
 from dqo_jax.model import Transformer
 from dqo_jax.progress import tqdm
+from dqo_jax import sampler
 from dqo_jax.sampler import FINISH_LENGTH, Samples, generate
 from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train.forward import response_logprobs
@@ -38,6 +39,7 @@ def generate_all(
     greedy: bool = False,
     samples_per_prompt: int = 1,
     width_multiple: int = 16,
+    refill_rows: int = 0,
     desc: str = "generate",
 ) -> Samples:
   """Runs `generate` over all N prompts in fixed-size batches (the last one padded) -> numpy
@@ -50,17 +52,34 @@ def generate_all(
   `width_multiple` > 0: a batch's prompts lose the leading columns that are padding in every
   row, rounded to a multiple of it (one compiled program per width that occurs): the prefill
   and every decode step's attention then span fewer slots. 0: every batch at the full width.
+
+  `refill_rows` = C > 0: refilled decode slots instead of batches (`_generate_refilled`).
   """
+  if refill_rows > 0:
+    return _generate_refilled(
+        model,
+        params,
+        prompt,
+        prompt_mask,
+        rng,
+        tok=tok,
+        mesh=mesh,
+        rows=batch_size,
+        refill_rows=refill_rows,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        greedy=greedy,
+        samples_per_prompt=samples_per_prompt,
+        width_multiple=width_multiple,
+        desc=desc,
+    )
   k = samples_per_prompt
   n = prompt.shape[0]
   per_call = prompts_per_call(batch_size, k, mesh)
   outs = []
   for start in tqdm(range(0, n, per_call), desc=desc, leave=False):
     idx = np.arange(start, start + per_call) % n  # wrap: one static shape for every batch
-    cols = slice(0, None)
-    if width_multiple > 0:
-      used = prompt.shape[1] - int(np.argmax(prompt_mask[idx].any(0)))
-      cols = slice(-min(-(-used // width_multiple) * width_multiple, prompt.shape[1]), None)
+    cols = _used_columns(prompt_mask[idx], width_multiple)
     rng, key = jax.random.split(rng)
     s = generate(
         model,
@@ -78,6 +97,98 @@ def generate_all(
     keep = min(per_call, n - start) * k
     outs.append(jax.tree.map(lambda x: x[:keep], distributed.fetch(s)))
   return Samples(*(np.concatenate(parts) for parts in zip(*outs)))
+
+
+def _used_columns(prompt_mask: np.ndarray, multiple: int) -> slice:
+  """The last columns of left-padded prompts that hold a token in some row, as a multiple of
+  `multiple` (0: all columns)."""
+  if multiple <= 0:
+    return slice(0, None)
+  used = prompt_mask.shape[1] - int(np.argmax(prompt_mask.any(0)))
+  return slice(-min(-(-used // multiple) * multiple, prompt_mask.shape[1]), None)
+
+
+def _generate_refilled(
+    model,
+    params,
+    prompt,
+    prompt_mask,
+    rng,
+    *,
+    tok,
+    mesh,
+    rows,
+    refill_rows,
+    max_new_tokens,
+    temperature,
+    greedy,
+    samples_per_prompt,
+    width_multiple,
+    desc,
+) -> Samples:
+  """`generate_all` over refilled decode slots (sampler.Slots): `rows` rows decode at once;
+  whenever `refill_rows` of them have ended, the host collects them and the next prompts are
+  prefilled into them (K rows per prompt, prompt-major like the batches). Same outputs as the
+  batches for greedy decoding; sampled rows draw other random numbers, from the same
+  distribution."""
+  k, n = samples_per_prompt, prompt.shape[0]
+  cols = _used_columns(prompt_mask, width_multiple)  # one width for the whole call
+  prompt, prompt_mask = prompt[:, cols], prompt_mask[:, cols]
+  per_refill = prompts_per_call(refill_rows, k, mesh)
+  c = per_refill * k
+  rows = max(rows, c) // sharding.batch_rows(mesh) * sharding.batch_rows(mesh)
+  by_row = sharding.batch_sharding(mesh)
+  slots = sampler.empty_slots(model, rows, prompt.shape[1], max_new_tokens, rng, width=1)
+  slots = jax.device_put(
+      slots,
+      sampler.Slots(*[by_row] * 8, sharding.replicated(mesh))._replace(
+          cache=jax.tree.map(lambda _: by_row, slots.cache)
+      ),
+  )
+  stop = dict(eos_id=tok.eos_id, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id)
+  out = Samples(
+      np.full((n * k, max_new_tokens), tok.pad_id, np.int32),
+      np.zeros((n * k, max_new_tokens), np.float32),
+      np.zeros((n * k,), np.int32),
+      np.zeros((n * k,), np.int32),
+  )
+  owner = np.full(rows, -1)  # the request (prompt * K + sample) each row serves
+  queued = 0  # prompts started
+  bar = tqdm(total=n * k, desc=desc, leave=False)
+  while True:
+    ended = (owner >= 0) & distributed.fetch(slots.done)
+    if ended.any():
+      toks, lps, ends = distributed.fetch((slots.toks, slots.lps, slots.ends))
+      r = np.flatnonzero(ended)
+      for buf, new in zip(out, (toks[r], lps[r], ends[r, 1], ends[r, 0])):
+        buf[owner[r]] = new
+      owner[r] = -1
+      bar.update(len(r))
+    free = np.flatnonzero(owner < 0)
+    while queued < n and len(free) >= c:
+      idx = np.arange(queued, queued + per_refill)
+      real = np.repeat(idx < n, k)
+      targets = np.where(real, free[:c], rows)  # a copy of a wrapped prompt is dropped
+      slots = sampler.refill_slots(
+          model,
+          params,
+          slots,
+          *sharding.put_batch((prompt[idx % n], prompt_mask[idx % n]), mesh),
+          jax.device_put(targets.astype(np.int32), sharding.replicated(mesh)),
+          pad_id=tok.pad_id,
+          samples_per_prompt=k,
+      )
+      owner[targets[real]] = (idx[:, None] * k + np.arange(k)).reshape(-1)[real]
+      free, queued = free[c:], queued + per_refill
+    if queued >= n and (owner < 0).all():
+      break
+    # Until C rows are free for the next prompts, or, with none left, until every row is done.
+    min_done = c if queued < n else rows
+    slots = sampler.decode_slots(
+        model, params, slots, min_done, temperature=temperature, greedy=greedy, **stop
+    )
+  bar.close()
+  return out
 
 
 def response_texts(tok: Tokenizer, samples: Samples) -> list[str]:

@@ -246,8 +246,8 @@ class Attention(nn.Module):
     q, k = rotary(q, positions, c), rotary(k, positions, c)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, L, Dh]
     if kv is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=2)
+      k = write_slots(kv[0], k.astype(kv[0].dtype), cache_index, axis=2)
+      v = write_slots(kv[1], v.astype(kv[1].dtype), cache_index, axis=2)
     b, l = x.shape[:2]
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
@@ -275,6 +275,15 @@ class Attention(nn.Module):
         name="o",
     )(out)
     return out, (k, v)
+
+
+def write_slots(buf, new, index, *, axis: int):
+  """`new` written into `buf` at slot `index` along `axis` (batch first): one index for every
+  row, or [B] indices, each row its own (the refilled decoder's rows are at different steps)."""
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=axis)
+  one_row = lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=axis - 1)
+  return jax.vmap(one_row)(buf, new, index)
 
 
 def _decode_attention(q, k, v, mask, *, scale, softcap):
@@ -362,7 +371,8 @@ class Transformer(nn.Module):
     out is logits [B, L, V] for the LM head or values [B, L] for the value head; position i's
     output is computed from tokens <= i. Without `cache`, attention is causal over this call's
     tokens and the returned cache is None. With `cache`, this call's keys are written at slots
-    [cache_index, cache_index + L) and queries attend to every earlier real slot.
+    [cache_index, cache_index + L) and queries attend to every earlier real slot; cache_index is
+    one slot for every row, or [B] slots, each row its own.
 
     `first_output` (static): only positions >= it get an output, [B, L - first_output, ...]; the
     earlier ones (a prompt's) still feed attention but skip the head. `targets` [B, L -
@@ -385,18 +395,16 @@ class Transformer(nn.Module):
       causal = jnp.tril(jnp.ones((tokens.shape[1],) * 2, bool))
       mask = causal[None] & attention_mask.astype(bool)[:, None, :]
     else:
-      key_mask = jax.lax.dynamic_update_slice_in_dim(
-          cache["key_mask"], attention_mask.astype(bool), cache_index, axis=1
-      )
+      key_mask = write_slots(cache["key_mask"], attention_mask.astype(bool), cache_index, axis=1)
       positions = cache["next_position"][:, None] + jnp.cumsum(attention_mask, axis=-1) - 1
       positions = jnp.maximum(positions, 0)
       slots = jnp.arange(key_mask.shape[1])
-      query_slots = cache_index + jnp.arange(tokens.shape[1])
-      mask = (slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
+      # [L], or [B, L] when each row has its own cache_index.
+      query_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(tokens.shape[1])
+      mask = (slots <= query_slots[..., None]) & key_mask[:, None, :]
     if "sliding" in c.layer_types:
       # Sliding layers see the keys fewer than `sliding_window` slots back (as Hugging Face).
-      near = (query_slots[:, None] - slots[None, :]) < c.sliding_window
-      sliding_mask = mask & near[None]
+      sliding_mask = mask & ((query_slots[..., None] - slots) < c.sliding_window)
     block = Block
     if cache is None and self.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])

@@ -58,6 +58,37 @@ def _argmax(x):
   return jnp.minimum(jnp.min(first, -1), n - 1)  # n - 1 only for an all-NaN row
 
 
+def _choose(last, key, greedy: bool, temperature):
+  """The next token of every row from its logits [B, V], and its log-probability under the
+  distribution sampled from (after temperature)."""
+  scaled = last if greedy else last / temperature
+  # jax.random.categorical's own Gumbel-max, with the faster argmax: the same samples.
+  noisy = scaled if greedy else scaled + jax.random.gumbel(key, scaled.shape, scaled.dtype)
+  tok = _argmax(noisy)
+  # log_softmax at one index: a gather minus a logsumexp, not a [B, V] log_softmax.
+  lp = jnp.take_along_axis(scaled, tok[:, None], -1)[:, 0] - jax.nn.logsumexp(scaled, -1)
+  return tok, lp
+
+
+def _end_test(eos_id: int, stop_ids, stop_sequences):
+  """(tok [B], recent [B, W]) -> (finish reason or -1 [B], recent with tok), and W: the last W
+  generated tokens (-1 before the first) are matched against every stop sequence at once."""
+  stops = sorted({eos_id, *stop_ids})
+  if stop_sequences:
+    table, used = _stop_table(stop_sequences)
+  width = table.shape[1] if stop_sequences else 1  # an unused slot keeps one state layout
+
+  def test(tok, recent):
+    end = jnp.where(functools.reduce(jnp.logical_or, [tok == i for i in stops]), FINISH_EOS, -1)
+    if stop_sequences:
+      recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+      hit = jnp.all((recent[:, None, :] == table[None]) | ~used[None], axis=-1).any(-1)
+      end = jnp.where((end < 0) & hit, FINISH_STOP, end)
+    return end, recent
+
+  return test, width
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -119,11 +150,7 @@ def generate(
     b *= samples_per_prompt
     copies = lambda x: by_row(jnp.repeat(x, samples_per_prompt, axis=0))
     cache, last = jax.tree.map(copies, (cache, last))
-  if stop_sequences:
-    table, used = _stop_table(stop_sequences)
-    width = table.shape[1]
-  else:
-    width = 1  # an unused one-slot window keeps one loop state layout
+  ender, width = _end_test(eos_id, stop_ids, stop_sequences)
 
   def cond(state):
     i, done = state[0], state[5]
@@ -132,26 +159,14 @@ def generate(
   def body(state):
     i, cache, last, toks, lps, done, ends, recent, rng = state
     rng, key = jax.random.split(rng)
-    scaled = last if greedy else last / temperature
-    # jax.random.categorical's own Gumbel-max, with the faster argmax: the same samples.
-    noisy = scaled if greedy else scaled + jax.random.gumbel(key, scaled.shape, scaled.dtype)
-    tok = _argmax(noisy)
-    # log_softmax at one index: a gather minus a logsumexp, not a [B, V] log_softmax.
-    lp = jnp.take_along_axis(scaled, tok[:, None], -1)[:, 0] - jax.nn.logsumexp(scaled, -1)
+    tok, lp = _choose(last, key, greedy, temperature)
     tok = jnp.where(done, pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
     # dynamic_update_slice, written in place in the loop (`.at[:, i].set` emits a scatter and
     # leaves it to XLA to turn it into this).
     toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
     lps = jax.lax.dynamic_update_slice_in_dim(lps, lp[:, None], i, axis=1)
-    is_eos = functools.reduce(jnp.logical_or, [tok == i for i in sorted({eos_id, *stop_ids})])
-    end = jnp.where(is_eos, FINISH_EOS, -1)
-    if stop_sequences:
-      # The last `width` generated tokens (-1 before the first), matched against every stop
-      # sequence at once.
-      recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
-      hit = jnp.all((recent[:, None, :] == table[None]) | ~used[None], axis=-1).any(-1)
-      end = jnp.where((end < 0) & hit, FINISH_STOP, end)
+    end, recent = ender(tok, recent)
     new_done = done | (end >= 0)
     ends = jnp.where(
         (new_done & ~done)[:, None], jnp.stack([end, jnp.full_like(end, i + 1)], -1), ends
@@ -179,3 +194,145 @@ def generate(
   )
   _, _, _, toks, lps, _, ends, _, _ = jax.lax.while_loop(cond, body, state)
   return Samples(toks, lps, ends[:, 1], ends[:, 0])
+
+
+# Refilled decode slots (continuous batching): a fixed batch of B rows, each serving one
+# request (a prompt's sample) at a time. `decode_slots` decodes every live row until enough
+# rows have ended; `refill_slots` prefills C waiting prompts into ended rows; the host
+# (`generation.generate_all` with refill) collects ended rows between the two. Each row writes
+# its cache at its own step (`model.write_slots` with [B] indices), so a refilled row starts
+# over at slot P without disturbing the others, and no row waits for the batch's longest.
+
+
+class Slots(NamedTuple):
+  cache: dict  # model.init_cache(B, P + R)
+  last: jax.Array  # [B, V] logits of each row's next token
+  toks: jax.Array  # [B, R] int32, the row's current request's tokens (pad after its end)
+  lps: jax.Array  # [B, R] float32 behaviour log-probs
+  step: jax.Array  # [B] int32, tokens generated for the row's current request
+  done: jax.Array  # [B] bool: the request has ended (or the row never held one)
+  ends: jax.Array  # [B, 2] int32: (finish reason, length)
+  recent: jax.Array  # [B, W] int32: the stop-sequence window
+  rng: jax.Array
+
+
+def empty_slots(model: Transformer, rows: int, prompt_len: int, max_new_tokens: int, rng, width):
+  """B rows holding no request (all done), for `refill_slots` to fill."""
+  return Slots(
+      cache=init_cache(model.cfg, rows, prompt_len + max_new_tokens),
+      last=jnp.zeros((rows, model.cfg.vocab_size), jnp.float32),
+      toks=jnp.zeros((rows, max_new_tokens), jnp.int32),
+      lps=jnp.zeros((rows, max_new_tokens), jnp.float32),
+      step=jnp.zeros((rows,), jnp.int32),
+      done=jnp.ones((rows,), bool),
+      ends=jnp.tile(jnp.int32([FINISH_LENGTH, max_new_tokens]), (rows, 1)),
+      recent=jnp.full((rows, width), -1, jnp.int32),
+      rng=rng,
+  )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "samples_per_prompt", "pad_id"), donate_argnames=("slots",)
+)
+def refill_slots(
+    model: Transformer,
+    params,
+    slots: Slots,
+    prompt,
+    prompt_mask,
+    rows,
+    *,
+    pad_id: int,
+    samples_per_prompt: int = 1,
+) -> Slots:
+  """Prefills prompts [C / K, P] once each and starts K rows of each: `rows` [C] (prompt-major;
+  an index of B or more drops that copy), from an empty cache at slot 0."""
+  n, p = prompt.shape
+  k = samples_per_prompt
+  logits, fresh = model.apply(
+      {"params": params},
+      prompt,
+      prompt_mask,
+      cache=init_cache(model.cfg, n, p),
+      cache_index=0,
+      first_output=p - 1,
+  )
+  rep = lambda x: jnp.repeat(x, k, axis=0)
+  put = lambda buf, new: buf.at[rows].set(new.astype(buf.dtype), mode="drop")
+  # The prompt's keys at slots [0, P); the row's later slots keep the previous request's values,
+  # masked out by key_mask until this request overwrites them.
+  put_kv = lambda buf, new: buf.at[rows, :, :p].set(rep(new).astype(buf.dtype), mode="drop")
+  width = slots.cache["key_mask"].shape[1]
+  key_mask = jnp.pad(rep(prompt_mask.astype(bool)), ((0, 0), (0, width - p)))
+  cache = dict(
+      k=tuple(map(put_kv, slots.cache["k"], fresh["k"])),
+      v=tuple(map(put_kv, slots.cache["v"], fresh["v"])),
+      key_mask=put(slots.cache["key_mask"], key_mask),
+      next_position=put(slots.cache["next_position"], rep(fresh["next_position"])),
+  )
+  c = rows.shape[0]
+  return slots._replace(
+      cache=cache,
+      last=put(slots.last, rep(logits[:, -1])),
+      toks=put(slots.toks, jnp.full((c, slots.toks.shape[1]), pad_id)),
+      lps=put(slots.lps, jnp.zeros((c, slots.lps.shape[1]))),
+      step=put(slots.step, jnp.zeros((c,), jnp.int32)),
+      done=put(slots.done, jnp.zeros((c,), bool)),
+      ends=put(slots.ends, jnp.tile(jnp.int32([FINISH_LENGTH, slots.toks.shape[1]]), (c, 1))),
+      recent=put(slots.recent, jnp.full((c, slots.recent.shape[1]), -1)),
+  )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "eos_id", "stop_ids", "pad_id", "greedy", "stop_sequences"),
+    donate_argnames=("slots",),
+)
+def decode_slots(
+    model: Transformer,
+    params,
+    slots: Slots,
+    min_done,
+    *,
+    eos_id: int,
+    pad_id: int,
+    stop_ids: tuple[int, ...] = (),
+    temperature: float = 1.0,
+    greedy: bool = False,
+    stop_sequences: tuple[tuple[int, ...], ...] = (),
+) -> Slots:
+  """Decodes every live row, each at its own step, until at least `min_done` rows are done (a
+  traced count: no recompilation) or every row is; a row ends as in `generate`."""
+  max_new = slots.toks.shape[1]
+  prompt_len = slots.cache["key_mask"].shape[1] - max_new
+  ender, _ = _end_test(eos_id, stop_ids, stop_sequences)
+  columns = jnp.arange(max_new)[None]
+
+  def cond(s: Slots):
+    return (jnp.sum(s.done) < min_done) & ~jnp.all(s.done)
+
+  def body(s: Slots):
+    rng, key = jax.random.split(s.rng)
+    tok, lp = _choose(s.last, key, greedy, temperature)
+    live = ~s.done
+    tok = jnp.where(live, tok, pad_id)
+    here = live[:, None] & (columns == s.step[:, None])
+    toks = jnp.where(here, tok[:, None], s.toks)
+    lps = jnp.where(here, lp[:, None], s.lps)
+    end, recent = ender(tok, s.recent)
+    length = s.step + 1
+    end = jnp.where((end < 0) & (length >= max_new), FINISH_LENGTH, end)
+    ended = live & (end >= 0)
+    ends = jnp.where(ended[:, None], jnp.stack([end, length], -1), s.ends)
+    logits, cache = model.apply(
+        {"params": params},
+        tok[:, None],
+        live[:, None].astype(jnp.int32),
+        cache=s.cache,
+        # A done row's index may reach P + R: its write is clamped and lands in its own last
+        # slot, which its next request overwrites before reading.
+        cache_index=prompt_len + s.step,
+    )
+    return Slots(cache, logits[:, 0], toks, lps, s.step + live, s.done | ended, ends, recent, rng)
+
+  return jax.lax.while_loop(cond, body, slots)

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dqo_jax import sharding
 from dqo_jax.model import ModelConfig, Transformer
@@ -306,3 +307,77 @@ def test_rollouts_in_length_order_from_shared_prefixes_come_back_in_prefix_order
   expected = np.repeat(np.concatenate([np.asarray(s.tokens) for s in single]), m, axis=0)
   for w in ways:
     np.testing.assert_array_equal(w.tokens, expected)
+
+
+def _varied_lengths_setup(n=13, width=6):
+  """A model whose greedy rows end at different steps (weights scaled up, EOS made likelier), and
+  n left-padded prompts."""
+  model, params, _, _ = _setup()
+  params = jax.tree.map(lambda x: x * 8.0, params)
+  params["embed"] = params["embed"].at[EOS].mul(3.0)
+  rng = np.random.default_rng(0)
+  prompt = rng.integers(4, CFG.vocab_size, (n, width)).astype(np.int32)
+  lens = rng.integers(1, width + 1, n)
+  mask = (np.arange(width)[None] >= width - lens[:, None]).astype(np.int32)
+  return model, params, prompt * mask, mask
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_refilled_decode_slots_give_the_batches_greedy_tokens(k):
+  """Rows of different lengths: with 8 slots refilled 2 * K at a time, every request's greedy
+  tokens, lengths, finish reasons and log-probs equal the static batches'."""
+  from types import SimpleNamespace
+
+  from dqo_jax.generation import generate_all
+
+  model, params, prompt, mask = _varied_lengths_setup()
+  tok = SimpleNamespace(eos_id=EOS, stop_ids=(EOS,), pad_id=PAD)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  kw = dict(tok=tok, mesh=mesh, batch_size=8, max_new_tokens=10, greedy=True, samples_per_prompt=k)
+  batches = generate_all(model, params, prompt, mask, jax.random.key(0), **kw)
+  slots = generate_all(model, params, prompt, mask, jax.random.key(0), refill_rows=2 * k, **kw)
+  assert len(set(batches.lengths.tolist())) >= 3, "the rows should end at different steps"
+  for field in ("tokens", "lengths", "finish"):
+    np.testing.assert_array_equal(getattr(batches, field), getattr(slots, field))
+  np.testing.assert_allclose(batches.logprobs, slots.logprobs, atol=1e-5)
+
+
+def test_refilled_decode_slots_sample_the_models_distribution_over_the_data_axes():
+  """Sampled through refilled slots split over 8 devices: every row's behaviour log-probs are
+  those of the full forward pass of its own prompt and tokens, and rows end at EOS or the limit."""
+  from types import SimpleNamespace
+
+  from dqo_jax.generation import generate_all
+
+  model, params, prompt, mask = _varied_lengths_setup(n=20)
+  tok = SimpleNamespace(eos_id=EOS, stop_ids=(EOS,), pad_id=PAD)
+  mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+  k, r = 2, 8
+  s = generate_all(
+      model,
+      params,
+      prompt,
+      mask,
+      jax.random.key(7),
+      tok=tok,
+      mesh=mesh,
+      batch_size=16,
+      max_new_tokens=r,
+      samples_per_prompt=k,
+      refill_rows=16,
+  )
+  rows = np.repeat(np.arange(len(prompt)), k)
+  full = np.concatenate([prompt[rows], s.tokens], 1)
+  logits, _ = model.apply(
+      {"params": params}, full, np.concatenate([mask[rows], np.ones_like(s.tokens)], 1)
+  )
+  logp = jax.nn.log_softmax(logits[:, prompt.shape[1] - 1 : -1], -1)
+  expected = np.take_along_axis(np.asarray(logp), s.tokens[..., None], -1)[..., 0]
+  live = np.arange(r)[None] < s.lengths[:, None]
+  # Weights scaled by 8 make logits large: float32 error of about 1e-4 relative.
+  np.testing.assert_allclose(s.logprobs[live], expected[live], rtol=5e-4, atol=1e-4)
+  assert np.all(s.tokens[~live] == PAD)
+  ended_at_eos = s.finish == FINISH_EOS
+  assert ended_at_eos.any() and (~ended_at_eos).any()
+  assert np.all(s.tokens[np.arange(len(s.tokens)), s.lengths - 1][ended_at_eos] == EOS)
+  assert np.all(s.lengths[~ended_at_eos] == r)

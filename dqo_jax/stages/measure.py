@@ -37,6 +37,7 @@ def greedy_accuracy(
       batch_size=cfg.eval.batch_size,
       max_new_tokens=cfg.eval.max_new_tokens,
       greedy=True,
+      refill_rows=cfg.eval.refill_rows,
       desc=desc,
   )
   refs = [ex["solution"] for ex in enc.examples[:n]]

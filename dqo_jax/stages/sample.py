@@ -40,6 +40,7 @@ def run(ctx: Context) -> dict:
       max_new_tokens=cfg.data.max_response_len,
       temperature=s.temperature,
       samples_per_prompt=k,
+      refill_rows=s.refill_rows,
       desc=f"sample {k} x {n_prompts} prompts",
   )
   prompt = pool.arrays["prompt"][prompt_index]
