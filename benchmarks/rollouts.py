@@ -1,21 +1,24 @@
-"""The rollouts stage and the sample stage: today's batching against shared prefixes and
-length-ordered batches, on a trained model's own samples.
+"""The rollouts stage, the sample stage and greedy decoding: today's batching against shared
+prefixes, length-ordered and trimmed batches, and refilled decode slots, on a trained model's own
+samples.
 
-    python -m benchmarks.rollouts [--quick] [--workdir=DIR]
+    python -m benchmarks.rollouts [--quick] [--workdir=DIR] [--sizes=embedded,large]
 
 Random weights would not do here: how long a completion runs is what the new paths exploit, so
 each model is first trained by the pipeline (`configs/arith.py`, SFT for a few hundred steps,
 then its sample stage), in `--workdir` (kept, and reused by the next run) or a temporary
-directory. The rows then time, side by side on the same prefixes and weights:
+directory. The rows then time, side by side on the same prompts and weights:
 - rollouts (`dqo_jax.stages.rollouts.sample_rollouts`): every distinct prefix of the offline
-  samples, `dqo.process.rollouts_per_step` = 4 completions each, as the stage makes them.
-  Today's path prefills each completion's prefix anew and batches prefixes in the order they
-  are found; the new one prefills a prefix once for its 4 completions (`samples_per_prompt`)
-  and orders prefixes by how long their sample went on;
-- sampling K = 4 responses per prompt (`dqo_jax.generation.generate_all`), prompts repeated K
-  times against one prefill per prompt.
-Random draws differ between the paths (the distribution does not: tests/test_sampler.py), so a
-row reports generated tokens per second and wall seconds for the same work.
+  samples, M = 4 completions each. Today's path prefills each completion's prefix anew and
+  batches prefixes in the order they are found; then one prefill per prefix for its M
+  completions (`samples_per_prompt`), prefixes ordered by how long their sample went on, batches
+  trimmed of all-padding columns, and refilled decode slots (`refill_rows`);
+- sampling K = 4 responses per prompt (`dqo_jax.generation.generate_all`): prompts repeated K
+  times at the full width (today) against one prefill per prompt with trimmed widths (the
+  default) and refilled slots (`sample.refill_rows`);
+- greedy decoding (the eval stage's): batches against refilled slots, whose tokens must agree.
+Random draws differ between the sampling paths (the distribution does not: tests/test_sampler.py),
+so a row reports generated tokens per second and the wall-time ratio for the same work.
 """
 
 from __future__ import annotations
@@ -99,6 +102,9 @@ def _compare(ways: dict, repeats: int, label: str, target_way: str, target: floa
 def _rows_for(size: str, quick: bool, root: str) -> list[dict]:
   ctx, params, records = _workload(size, quick, root)
   c, repeats = ctx.config, 1 if quick else 3
+  # The larger model decodes about 6x slower here: a quarter of the work keeps its rows minutes.
+  share = 4 if size == "large" and not quick else 1
+  records = records[: len(records) // share]
   common = dict(tok=ctx.tokenizer, mesh=ctx.mesh, max_new_tokens=c.data.max_response_len)
   _, _, prefixes, tokens, mask, remaining = distinct_prefixes(ctx, records)
   model_note = (
@@ -133,13 +139,13 @@ def _rows_for(size: str, quick: bool, root: str) -> list[dict]:
       },
       repeats,
       f"rollouts stage ({size})",
-      "shared+ordered+trimmed",
+      "refilled slots",
       3.0,
       f"{model_note}; {len(prefixes)} distinct prefixes of {len(records)} samples x {M} "
       f"rollouts, batch {c.dqo.process.batch_size} rows (refilled {REFILL} at a time)",
   )
 
-  n = 64 if quick else 512
+  n = 64 if quick else 512 // share
   prompt, prompt_mask = (
       ctx.rl_prompts.arrays["prompt"][:n],
       ctx.rl_prompts.arrays["prompt_mask"][:n],
@@ -171,7 +177,7 @@ def _rows_for(size: str, quick: bool, root: str) -> list[dict]:
       },
       repeats,
       f"sample stage K={K} ({size})",
-      "shared+trimmed",
+      "shared+refilled",
       1.5,
       f"{model_note}; {n} prompts x {K}, batch {c.sample.batch_size} rows (refilled {REFILL} "
       "at a time)",

@@ -15,7 +15,16 @@ import time
 
 import jax
 
-MODULES = ("train_steps", "lora", "returns", "attention", "padding", "grading", "sampler")
+MODULES = (
+    "train_steps",
+    "lora",
+    "returns",
+    "attention",
+    "padding",
+    "grading",
+    "sampler",
+    "rollouts",
+)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 COLUMNS = ("name", "ours", "baseline", "ratio", "target", "met", "unit", "notes")
 

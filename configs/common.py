@@ -92,10 +92,10 @@ def base_config():
       samples_per_prompt=4,
       temperature=1.0,
       batch_size=64,
-      # C > 0: refilled decode slots (sample stage and rollouts): whenever C of the batch_size
+      # C > 0: refilled decode slots (the sample stage): whenever C of the batch_size
       # rows have ended, C new ones are prefilled into them, so no row waits for the batch's
       # longest. Faster, and other random draws than batches (0) from the same distribution.
-      refill_rows=0,
+      refill_rows=16,
   )
   # Rewards of a verified response; a response cut at the length limit counts as unparseable.
   c.rewards = dict(correct=1.0, incorrect=0.0, unparseable=0.0)

@@ -179,6 +179,9 @@ def defaults(beta: float) -> dict:
           value_weight=0.0,  # > 0: also regress V onto the rollouts' estimate at boundaries
           value_decay_steps=100,  # ... with a weight decaying linearly to 0 over these steps
           batch_size=256,
+          # Refilled decode slots, this many rows at a time (0: batches of prefixes ordered by
+          # expected length; benchmarks/rollouts.py measures both).
+          refill_rows=32,
       ),
   )
 

@@ -134,7 +134,7 @@ def run(ctx: Context) -> dict:
       batch_size=ps.batch_size,
       max_new_tokens=data.max_response_len,
       temperature=cfg.sample.temperature,
-      refill_rows=cfg.sample.refill_rows,
+      refill_rows=ps.refill_rows,
   )
   texts, references, fits = [], [], []
   for j, row in enumerate(rows):
