@@ -336,6 +336,7 @@ def compile_program(config, topology: str, program: str) -> dict:
       # Refilled decode slots: the decode loop over `rows` slots holds the cache; each refill
       # prefills refill_rows / K prompts, a smaller program not compiled here.
       what = f"{what}, refilled decode slots"
+      rows, _ = generation.slot_shape(rows, refill, k, mesh)
       slots = jax.eval_shape(
           lambda: sampler.empty_slots(
               policy, rows, d.max_prompt_len, new_tokens, jax.random.key(0), width=1

@@ -108,6 +108,14 @@ def _used_columns(prompt_mask: np.ndarray, multiple: int) -> slice:
   return slice(-min(-(-used // multiple) * multiple, prompt_mask.shape[1]), None)
 
 
+def slot_shape(batch_size: int, refill_rows: int, samples_per_prompt: int, mesh):
+  """(rows of the refilled decode slots, prompts per refill) for `batch_size` rows refilled
+  about `refill_rows` at a time: at least one refill's rows, split evenly over the devices."""
+  per_refill = prompts_per_call(refill_rows, samples_per_prompt, mesh)
+  rows = max(batch_size, per_refill * samples_per_prompt)
+  return -(-rows // sharding.batch_rows(mesh)) * sharding.batch_rows(mesh), per_refill
+
+
 def _generate_refilled(
     model,
     params,
@@ -134,17 +142,15 @@ def _generate_refilled(
   k, n = samples_per_prompt, prompt.shape[0]
   cols = _used_columns(prompt_mask, width_multiple)  # one width for the whole call
   prompt, prompt_mask = prompt[:, cols], prompt_mask[:, cols]
-  per_refill = prompts_per_call(refill_rows, k, mesh)
+  rows, per_refill = slot_shape(rows, refill_rows, k, mesh)
   c = per_refill * k
-  rows = max(rows, c) // sharding.batch_rows(mesh) * sharding.batch_rows(mesh)
-  by_row = sharding.batch_sharding(mesh)
-  slots = sampler.empty_slots(model, rows, prompt.shape[1], max_new_tokens, rng, width=1)
-  slots = jax.device_put(
-      slots,
-      sampler.Slots(*[by_row] * 8, sharding.replicated(mesh))._replace(
-          cache=jax.tree.map(lambda _: by_row, slots.cache)
-      ),
-  )
+  # Made by a jitted program with the slots' shardings: with several processes no host holds
+  # the whole array (device_put of a global sharding would fail there).
+  make = functools.partial(sampler.empty_slots, model, rows, prompt.shape[1], max_new_tokens)
+  make = functools.partial(make, width=1)
+  shape = jax.eval_shape(make, rng)
+  placement = jax.tree.map(lambda _: sharding.batch_sharding(mesh), shape._replace(rng=None))
+  slots = jax.jit(make, out_shardings=placement._replace(rng=sharding.replicated(mesh)))(rng)
   stop = dict(eos_id=tok.eos_id, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id)
   out = Samples(
       np.full((n * k, max_new_tokens), tok.pad_id, np.int32),
@@ -174,7 +180,7 @@ def _generate_refilled(
           params,
           slots,
           *sharding.put_batch((prompt[idx % n], prompt_mask[idx % n]), mesh),
-          jax.device_put(targets.astype(np.int32), sharding.replicated(mesh)),
+          targets.astype(np.int32),  # the same on every process
           pad_id=tok.pad_id,
           samples_per_prompt=k,
       )
