@@ -97,11 +97,12 @@ def get_config(arg: str = ""):
     c.data.update(num_train=256, num_test=64, num_validation=32, num_gold=150)
     c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
     c.sft.update(steps=20, batch_size=8)
-    # Refilled decode slots 8 rows at a time: the tests run the pipeline through them.
-    c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32, refill_rows=8)
+    c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32)
     c.train.update(steps=10, batch_size=8)
     c.dqo.process.update(rollouts_per_step=2, batch_size=64)
-    c.eval.update(batch_size=32, every=10, monitor_examples=32, refill_rows=8)
+    # Static batches (two programs fewer to compile per tiny run); tests/test_multihost.py and
+    # test_pipeline.py's process-supervision run go through refilled slots.
+    c.eval.update(batch_size=32, every=10, monitor_examples=32, refill_rows=0)
     c.checkpoint.update(every=5)
     c.log_every = 5
   elif arg:

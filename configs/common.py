@@ -194,7 +194,7 @@ def tiny_schedule(c):
   c.mesh.update(data=-1, fsdp=1)
   c.data.num_validation = 4
   c.sft.update(steps=20, batch_size=8, optimizer=optimizer(1e-3, 5, weight_decay=0.01))
-  c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32)
+  c.sample.update(num_prompts=32, samples_per_prompt=2, batch_size=32, refill_rows=0)
   c.train.update(
       steps=10,
       batch_size=8,
@@ -203,6 +203,6 @@ def tiny_schedule(c):
   )
   c.dqo.update(beta=0.5)
   c.dqo.process.update(rollouts_per_step=2, batch_size=64)
-  c.eval.update(batch_size=32, every=10, monitor_examples=32)
+  c.eval.update(batch_size=32, every=10, monitor_examples=32, refill_rows=0)
   c.checkpoint.update(every=5)
   c.log_every = 5

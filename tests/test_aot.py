@@ -104,6 +104,7 @@ def test_compile_only_reports_the_adapters_and_the_frozen_base_of_a_lora_run():
 def test_compile_only_compiles_the_sft_step_and_every_methods_step(capsys):
   config = _arith_tiny()
   config.mesh.update(data=2, fsdp=-1, tensor=1)
+  config.eval.refill_rows = 8  # evaluation in refilled decode slots, sampling in batches
   # stages sft,...,eval: the SFT and the DQO step, the sampler, the reference log-probs and the
   # evaluation's greedy decoding
   reports = aot.run(config, "v4-8")
@@ -120,7 +121,10 @@ def test_compile_only_compiles_the_sft_step_and_every_methods_step(capsys):
   assert reports["sample"]["new_tokens"] == config.data.max_response_len
   out = capsys.readouterr().out.strip().splitlines()
   assert out[-1].startswith("every program fits on v4-8")
-  assert any(line.startswith("sample (sampling: prefill, KV cache") for line in out)
+  assert any(
+      line.startswith("sample (sampling: prefill, KV cache and decode loop) ") for line in out
+  )
+  assert any(line.startswith("eval (greedy decoding of the evaluation, refilled") for line in out)
   for method in ("rft", "dpo", "kto", "rloo"):
     config.method = method
     r = aot.compile_step(config, "v4-8")

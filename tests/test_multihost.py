@@ -24,6 +24,9 @@ OVERRIDES = (
     "--config.log_every=1",
     "--config.eval.every=2",
     "--config.eval.samples_per_problem=0",
+    # Refilled decode slots over 8 devices in two processes (the tiny config uses batches).
+    "--config.sample.refill_rows=8",
+    "--config.eval.refill_rows=8",
     # The tiny SFT model solves nothing: with every reward 0 the value model would fit float
     # noise, which Adam scales up to full-size steps. A reward of -1 gives it something to learn.
     "--config.rewards.incorrect=-1",

@@ -286,7 +286,8 @@ def test_other_methods_reuse_the_workdirs_sft_model_and_samples(finished, tmp_pa
 
 def test_process_supervision_rolls_out_every_step_once(finished, tmp_path):
   workdir = _copy_of(finished, tmp_path)
-  proc = _run(workdir, "--config.dqo.process.enabled=True")
+  # Rollouts (dqo.process.refill_rows) and evaluation in refilled decode slots.
+  proc = _run(workdir, "--config.dqo.process.enabled=True", "--config.eval.refill_rows=8")
   assert proc.returncode == 0, proc.stderr[-2000:]
   records = read_records(str(workdir / "sample" / "samples.array_record"))
   potentials = read_records(str(workdir / "rollouts" / "potentials.array_record"), "rollouts")
