@@ -8,10 +8,9 @@ from collections import defaultdict
 import jax
 import numpy as np
 
-from dqo_jax import distributed, rewards, sharding
+from dqo_jax import distributed, rewards, sampler, sharding
 from dqo_jax.model import Transformer
 from dqo_jax.progress import tqdm
-from dqo_jax import sampler
 from dqo_jax.sampler import FINISH_LENGTH, Samples, generate
 from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train.forward import response_logprobs
@@ -146,8 +145,9 @@ def _generate_refilled(
   c = per_refill * k
   # Made by a jitted program with the slots' shardings: with several processes no host holds
   # the whole array (device_put of a global sharding would fail there).
-  make = functools.partial(sampler.empty_slots, model, rows, prompt.shape[1], max_new_tokens)
-  make = functools.partial(make, width=1)
+  make = functools.partial(
+      sampler.empty_slots, model, rows, prompt.shape[1], max_new_tokens, width=1
+  )
   shape = jax.eval_shape(make, rng)
   placement = jax.tree.map(lambda _: sharding.batch_sharding(mesh), shape._replace(rng=None))
   slots = jax.jit(make, out_shardings=placement._replace(rng=sharding.replicated(mesh)))(rng)

@@ -60,8 +60,9 @@ def sample_rollouts(
   through the sampler in the order of their expected completion length (`remaining` [N], what
   the offline sample they came from still generated), so that the rows of a batch end at about
   the same step instead of waiting for the batch's longest. `trim`: a batch's prefixes lose the
-  columns that are padding in all of them (`generate_all`'s width_multiple). They change the order of the random draws, not the
-  distribution of a completion (benchmarks/rollouts.py compares the ways).
+  columns that are padding in all of them (`generate_all`'s width_multiple). They change the
+  order of the random draws, not the distribution of a completion (benchmarks/rollouts.py
+  compares the ways).
   """
   n = tokens.shape[0]
   order = np.argsort(-remaining, kind="stable") if by_length else np.arange(n)
