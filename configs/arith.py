@@ -61,6 +61,7 @@ def get_config(arg: str = ""):
       remat="none",
       attention="xla",  # xla, cudnn, einsum or pallas_tpu (dqo_jax/attention.py)
       logprob_chunk=0,  # see configs/common.py run_options
+      scan_layers=False,  # True: the blocks under nn.scan (configs/common.py run_options)
       lora=common.lora.defaults(),  # rank 0: every weight trains; see configs/common.py
   )
 

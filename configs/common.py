@@ -31,6 +31,7 @@ MESH_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("layers", None),  # the stacked axis of scanned decoder layers (model.scan_layers)
 )
 
 
@@ -155,7 +156,9 @@ def task_config(task, *, max_prompt_len, max_response_len):
 # [batch, response, vocab] logits never exist whole (0: whole; benchmarks/train_steps.py).
 # `lora`: rank > 0 trains low-rank adapters on the `targets` projections (q, k, v, o, gate, up,
 # down) over one frozen base instead of every weight (dqo_jax/lora.py); rank 0 (the default)
-# trains every weight. `--compile_only` shows what each choice costs on a TPU slice
+# trains every weight. `scan_layers` runs the decoder blocks under one nn.scan, their parameters
+# stacked on a "layers" axis: one block to compile instead of n_layers (on for the pretrained
+# presets; QLoRA needs it off). `--compile_only` shows what each choice costs on a TPU slice
 # (docs/scaling.md).
 def run_options() -> dict:
   return dict(
@@ -165,7 +168,9 @@ def run_options() -> dict:
 
 def pretrained_model(preset: str):
   """The `model` section of a pretrained preset: `path` is what the user must supply."""
-  return ml_collections.ConfigDict(dict(path="", **run_options(), **PRETRAINED[preset]))
+  return ml_collections.ConfigDict(
+      dict(path="", scan_layers=True, **run_options(), **PRETRAINED[preset])
+  )
 
 
 def tiny_model():

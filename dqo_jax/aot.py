@@ -25,7 +25,7 @@ import numpy as np
 
 from dqo_jax import convert, hf_config, sharding
 from dqo_jax.errors import UserError
-from dqo_jax.model import ModelConfig
+from dqo_jax.model import ModelConfig, with_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,7 @@ def model_config(config) -> ModelConfig:
   preset's `model.hf_repo`, else the fields of a model trained from scratch."""
   m = config.model
   if m.get("path"):
-    return convert.pretrained_config(m.path, m.dtype)
+    return with_overrides(convert.pretrained_config(m.path), m)
   if m.get("hf_repo"):
     if m.hf_repo not in hf_config.KNOWN_CONFIGS:
       raise UserError(
@@ -143,7 +143,7 @@ def model_config(config) -> ModelConfig:
           f"--config.model.path=DIR (only its config.json is read) or one of "
           f"{', '.join(hf_config.KNOWN_CONFIGS)}"
       )
-    return hf_config.model_config_from_hf(hf_config.KNOWN_CONFIGS[m.hf_repo], m.dtype)
+    return with_overrides(hf_config.model_config_from_hf(hf_config.KNOWN_CONFIGS[m.hf_repo]), m)
   return ModelConfig.from_config(m, config.tokenizer.vocab_size)
 
 

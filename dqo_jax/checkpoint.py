@@ -194,7 +194,10 @@ class Checkpoints:
     fails them alike.
     """
     failed = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if steps:
+      self._check_layer_layout(steps[0], abstract_state)
+    for step in steps:
       try:
         state = self.restore(abstract_state, step)
       except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
@@ -218,6 +221,31 @@ class Checkpoints:
           "move the directory aside to train this stage afresh"
       )
     return 0, None
+
+  def _check_layer_layout(self, step: int, abstract_state) -> None:
+    """One line naming the setting, where a restore would fail on every array: the checkpoint's
+    decoder layers are stacked ("layers") and the model's are not, or the reverse
+    (`model.scan_layers`)."""
+    meta = self.step_dir(step) / STATE / "_METADATA"
+    if not meta.exists():
+      return
+    text = meta.read_text()
+    keys = {
+        k.key
+        for path, _ in jax.tree_util.tree_leaves_with_path(abstract_state)
+        for k in path
+        if isinstance(k, jax.tree_util.DictKey)
+    }
+    saved = ("'layers'" in text, "'layer_0'" in text)  # (stacked, per layer)
+    want = ("layers" in keys, "layer_0" in keys)
+    if saved != want and any(saved) and any(want):
+      scanned = want[0]
+      raise UserError(
+          f"the checkpoints in {self.directory} hold the decoder layers "
+          f"{'per layer' if scanned else 'stacked'} and this run's model has them "
+          f"{'stacked' if scanned else 'per layer'}: rerun with "
+          f"--config.model.scan_layers={not scanned}"
+      )
 
   def _set_aside(self, failed: list, warn, then: str):
     """Renames the steps of `failed` [(step, error)] to `<step>.unreadable`."""

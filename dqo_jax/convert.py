@@ -29,6 +29,7 @@ HF_DIR must be new or empty; `--overwrite` replaces an earlier export there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -46,7 +47,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from dqo_jax import hf_config, lora, safetensors_io, sharding
 from dqo_jax.families import weight_map
 from dqo_jax.peft_format import export_peft, import_peft
-from dqo_jax.model import ModelConfig, Transformer
+from dqo_jax.model import ModelConfig, Transformer, unstack_layers
 
 # Tensors some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -320,14 +321,39 @@ def load_pretrained_params(
     *,
     dtype="float32",
     compute_dtype: str = "float32",
+    scan_layers: bool = False,
 ) -> tuple[ModelConfig, dict]:
   """(ModelConfig, boxed parameters placed by `rules` on `mesh`) from a Hugging Face directory
-  or one written by `python -m dqo_jax.convert --from_hf`; what `config.model.path` names."""
+  or one written by `python -m dqo_jax.convert --from_hf`; what `config.model.path` names.
+  With `scan_layers`, in the scanned layout (`dqo_jax.model.stack_layers`)."""
   path = os.fspath(path)
   if os.path.isfile(os.path.join(path, OUR_CONFIG)):
     cfg, params = load_ours(path, mesh, rules, dtype=dtype)
-    return ModelConfig.from_json(cfg.to_json() | {"dtype": compute_dtype}), params
-  return import_hf(path, mesh, rules, dtype=dtype, compute_dtype=compute_dtype)
+    cfg = ModelConfig.from_json(cfg.to_json() | {"dtype": compute_dtype})
+  else:
+    cfg, params = import_hf(path, mesh, rules, dtype=dtype, compute_dtype=compute_dtype)
+  if scan_layers and not cfg.scan_layers:
+    cfg = dataclasses.replace(cfg, scan_layers=True)
+    params = _stacked(params, cfg, mesh, rules)
+  return cfg, params
+
+
+def _stacked(params, cfg: ModelConfig, mesh: Mesh | None, rules):
+  """Boxed per-layer parameters -> the scanned layout of `cfg`, placed by `rules`. One
+  parameter is stacked at a time and its per-layer arrays freed, so the device holds one extra
+  layer-stack at most."""
+  boxed = abstract_params(cfg)
+  shardings = param_shardings(boxed, mesh, rules)["layers"]
+  params = nn.meta.unbox(params)
+  names = [f"layer_{i}" for i in range(cfg.n_layers)]
+  stacked = {}
+  for path, sharding_ in _flatten(shardings):
+    parts = [_get(params[n], path) for n in names]
+    _set(stacked, path, jax.jit(lambda *a: jnp.stack(a), out_shardings=sharding_)(*parts))
+    for a in parts:
+      a.delete()
+  rest = {k: v for k, v in params.items() if k not in names}
+  return sharding.rebox(boxed, rest | {"layers": stacked})
 
 
 def load_pretrained(
@@ -386,6 +412,7 @@ def _restore_trained_params(checkpoints: str, cfg: ModelConfig):
   state = mgr.restore(step, args=ocp.args.StandardRestore())
   mgr.close()
   params = state["policy"]["params"] if "policy" in state else state["params"]
+  params = unstack_layers(params)  # a run with model.scan_layers: exported per layer
   got = {p for p, _ in _flatten(params)}
   if all(lora.is_adapter(p) for p in got):
     return params, _run_lora(checkpoints)

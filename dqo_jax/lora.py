@@ -113,6 +113,12 @@ def check(config) -> None:
         "adapters over the model it was trained on: set config.model.path to that model, "
         "config.model.lora.rank to the adapter's rank, and keep 'sft' in config.model.lora.stages"
     )
+  if lora.base_qtype and config.model.get("scan_layers"):
+    # qwix quantizes a kernel inside the scanned block, and its scales lose the layer axis.
+    raise UserError(
+        "config.model.lora.base_qtype (QLoRA) needs the decoder layers per layer: add "
+        "--config.model.scan_layers=False"
+    )
   if not _stages(lora) or set(_stages(lora)) - set(STAGES):
     raise UserError(
         f"config.model.lora.stages={lora.stages!r}; name one or both of {', '.join(STAGES)}"
@@ -143,7 +149,7 @@ def adapt(model: nn.Module, lora_cfg, quantized: bool = True) -> nn.Module:
   if tile and quantized and _setting(lora_cfg, "base_qtype"):
     _check_tiles(model.cfg, targets(lora_cfg), tile)
   rule = qwix.LoraRule(
-      module_path=rf"layer_\d+/({paths})",
+      module_path=rf"(layer_\d+|layers)/({paths})",
       rank=int(lora_cfg.rank),
       alpha=float(lora_cfg.alpha),
       dropout=float(_setting(lora_cfg, "dropout")),

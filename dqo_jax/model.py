@@ -66,6 +66,9 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_position: int = 8192
   attention: str = "xla"  # the kernel of multi-token calls: dqo_jax.attention.IMPLS
+  # The decoder blocks under nn.scan: one block's program, its parameters stacked on a leading
+  # "layers" axis (params["layers"]), instead of n_layers unrolled copies (params["layer_{i}"]).
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -124,6 +127,19 @@ _ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 # (`path`, read by `dqo_jax.convert.load_pretrained`; `hf_repo` and `name`, which describe a
 # preset) and how it trains (`remat`, `logprob_chunk`, `lora`).
 RUN_KEYS = ("path", "name", "hf_repo", "remat", "logprob_chunk", "lora")
+
+
+# Fields of `config.model` that a pretrained model takes from the run's config as well: how it
+# computes, not what (its config.json fixes the architecture).
+PRETRAINED_OVERRIDES = ("dtype", "attention", "scan_layers")
+
+
+def with_overrides(cfg: ModelConfig, model_config) -> ModelConfig:
+  """A pretrained model's `cfg` with the PRETRAINED_OVERRIDES that `model_config` (the run's
+  `config.model`) sets."""
+  return dataclasses.replace(
+      cfg, **{k: model_config[k] for k in PRETRAINED_OVERRIDES if k in model_config}
+  )
 
 
 def unknown_config_keys(cfg) -> list[str]:
@@ -225,8 +241,7 @@ class Attention(nn.Module):
   def __call__(self, x, positions, mask, kv: tuple[jax.Array, jax.Array] | None, cache_index):
     """x: [B, L, D]; mask: [B, L, S] boolean; kv: this layer's cache ([B, K, S, Dh] each) or None.
 
-    Returns the output and the updated (k, v) cache for this layer (or the fresh k, v when there
-    is no cache, laid out [B, K, L, Dh]).
+    Returns the output and the updated (k, v) cache for this layer (None when there is none).
     """
     c = self.cfg
     dense = lambda feats, names, name: nn.DenseGeneral(
@@ -274,7 +289,7 @@ class Attention(nn.Module):
         bias_init=_init(("embed",), nn.initializers.zeros),
         name="o",
     )(out)
-    return out, (k, v)
+    return out, None if kv is None else (k, v)
 
 
 def write_slots(buf, new, index, *, axis: int):
@@ -330,8 +345,12 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, kv, cache_index):
+  def __call__(self, x, sliding, positions, masks, kv=None, cache_index=0):
+    """x: [B, L, D]; sliding: whether this is a sliding-window layer (a traced flag under
+    nn.scan); masks: (global mask, sliding mask or None), each [B, L, S]. Returns x and this
+    layer's cache (None without one)."""
     c = self.cfg
+    mask = masks[0] if masks[1] is None else jnp.where(sliding, masks[1], masks[0])
     norm = lambda name: RMSNorm(c.norm_eps, c.norm_plus_one, name=name)
     h, kv = Attention(c, name="attn")(norm("attn_norm")(x), positions, mask, kv, cache_index)
     if c.post_norms:
@@ -402,19 +421,38 @@ class Transformer(nn.Module):
       # [L], or [B, L] when each row has its own cache_index.
       query_slots = jnp.asarray(cache_index)[..., None] + jnp.arange(tokens.shape[1])
       mask = (slots <= query_slots[..., None]) & key_mask[:, None, :]
+    sliding_mask = None
     if "sliding" in c.layer_types:
       # Sliding layers see the keys fewer than `sliding_window` slots back (as Hugging Face).
       sliding_mask = mask & ((query_slots[..., None] - slots) < c.sliding_window)
+    masks = (mask, sliding_mask)
+    sliding = [c.layer_type(i) == "sliding" for i in range(c.n_layers)]
     block = Block
     if cache is None and self.remat != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
-    new_k, new_v = [], []
-    for i in range(c.n_layers):
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers and cache is None:
+      layers = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast),
+          length=c.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, _ = layers(c, name="layers")(x, jnp.asarray(sliding), positions, masks)
+    kvs = []
+    for i in range(0 if c.scan_layers and cache is None else c.n_layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      layer_mask = sliding_mask if c.layer_type(i) == "sliding" else mask
-      x, (k, v) = block(c, name=f"layer_{i}")(x, positions, layer_mask, kv, cache_index)
-      new_k.append(k)
-      new_v.append(v)
+      if c.scan_layers:
+        # Decoding reads layer i out of the stacked parameters: the caches stay one buffer per
+        # layer (below), and the slices are loop-invariant in the decode loop.
+        p = jax.tree.map(lambda a: a[i], self.variables["params"]["layers"])
+        x, kv = Block(c, parent=None).apply(
+            {"params": p}, x, sliding[i], positions, masks, kv, cache_index
+        )
+      else:
+        x, kv = block(c, name=f"layer_{i}")(x, sliding[i], positions, masks, kv, cache_index)
+      kvs.append(kv)
     # Per-layer arrays, not one stacked array: stacking would copy the whole cache every
     # decode step, while separate buffers are updated in place inside the while loop.
     x = RMSNorm(c.norm_eps, c.norm_plus_one, name="final_norm")(x)[:, first_output:]
@@ -440,8 +478,8 @@ class Transformer(nn.Module):
     if cache is None:
       return out, None
     new_cache = dict(
-        k=tuple(new_k),
-        v=tuple(new_v),
+        k=tuple(k for k, _ in kvs),
+        v=tuple(v for _, v in kvs),
         key_mask=key_mask,
         next_position=cache["next_position"] + attention_mask.sum(-1),
     )
@@ -491,3 +529,21 @@ def value_params_from_policy(policy_params: Any, value_init_params: Any) -> Any:
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+  """Per-layer parameters ("layer_0" ... ) -> the scanned layout: "layers", every leaf stacked on
+  a new leading axis. Unboxed trees; anything else is kept."""
+  names = [f"layer_{i}" for i in range(n_layers)]
+  rest = {k: v for k, v in params.items() if k not in names}
+  return rest | {"layers": jax.tree.map(lambda *a: jnp.stack(a), *(params[n] for n in names))}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The scanned layout -> per-layer parameters; a tree without "layers" is returned as is."""
+  if "layers" not in params:
+    return params
+  stacked = params["layers"]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  rest = {k: v for k, v in params.items() if k != "layers"}
+  return rest | {f"layer_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)}

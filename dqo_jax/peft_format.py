@@ -22,7 +22,7 @@ import numpy as np
 
 from dqo_jax import lora, safetensors_io
 from dqo_jax.families import weight_map
-from dqo_jax.model import ModelConfig
+from dqo_jax.model import ModelConfig, stack_layers
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -127,4 +127,7 @@ def import_peft(directory, cfg: ModelConfig):
       alpha=float(config["lora_alpha"]),
       targets=",".join(t for t in lora.TARGETS if t in targets),
   )
-  return flax.traverse_util.unflatten_dict(flat), lora_cfg
+  adapters = flax.traverse_util.unflatten_dict(flat)
+  if cfg.scan_layers:
+    adapters = stack_layers(adapters, cfg.n_layers)
+  return adapters, lora_cfg

@@ -17,6 +17,7 @@ from dqo_jax import sharding
 from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
 from dqo_jax.methods import dqo
 from dqo_jax.methods.dqo import make_dqo_step
+from dqo_jax.train import build
 from dqo_jax.train.policy_value_step import PolicyValueState
 from dqo_jax.train.state import TrainState, make_optimizer
 
@@ -58,13 +59,11 @@ def random_batch(rng, b=16, p=6, r=7):
   )
 
 
-def init_params(model, rng):
-  t = jnp.zeros((1, 4), jnp.int32)
-  return model.init(rng, t, jnp.ones_like(t))["params"]
+init_params = build.boxed_init
 
 
-def dqo_setup(grad_accum_steps=1):
-  policy, value = Transformer(CFG), Transformer(CFG, head="value")
+def dqo_setup(grad_accum_steps=1, cfg=CFG):
+  policy, value = Transformer(cfg), Transformer(cfg, head="value")
   ptx, vtx = make_optimizer(OPT, 10), make_optimizer(OPT, 10)
 
   def init_fn(rng):

@@ -105,6 +105,7 @@ def test_compile_only_compiles_the_sft_step_and_every_methods_step(capsys):
   config = _arith_tiny()
   config.mesh.update(data=2, fsdp=-1, tensor=1)
   config.eval.refill_rows = 8  # evaluation in refilled decode slots, sampling in batches
+  config.model.scan_layers = True  # as the pretrained presets: decoding slices stacked layers
   # stages sft,...,eval: the SFT and the DQO step, the sampler, the reference log-probs and the
   # evaluation's greedy decoding
   reports = aot.run(config, "v4-8")

@@ -173,6 +173,33 @@ def test_round_trip_through_the_cli_loads_in_transformers(family, tmp_path):
   )
 
 
+def test_scanned_layers_import_and_export_as_the_per_layer_ones(family, tmp_path):
+  """`model.scan_layers`: the checkpoint imports into stacked layers with the same logits, and
+  a run's checkpoint of stacked layers exports to the same Hugging Face model."""
+  from dqo_jax.checkpoint import Checkpoints  # pylint: disable=g-import-not-at-top
+
+  name, hf, path, _, _ = family
+  cfg, boxed = convert.load_pretrained_params(path, scan_layers=True)
+  params = nn.meta.unbox(boxed)
+  assert cfg.scan_layers and "layers" in params and "layer_0" not in params
+  tokens, mask = _batch()
+  ours, _ = Transformer(cfg).apply({"params": params}, tokens, mask)
+  valid = mask.astype(bool)
+  theirs = _hf_logits(hf, tokens, mask)
+  assert np.abs(np.asarray(ours)[valid] - theirs[valid]).max() <= 1e-4, name
+  ours_dir, back = tmp_path / "ours", tmp_path / "back"
+  assert convert.main(["--from_hf", str(path), "--to", str(ours_dir)]) == 0
+  ckpt = Checkpoints(tmp_path / "run" / "checkpoints", every=1)
+  assert ckpt.save(1, {"params": params}, force=True)
+  ckpt.close()
+  args = ["--from", str(ours_dir), "--params", str(tmp_path / "run" / "checkpoints")]
+  assert convert.main(args + ["--to_hf", str(back), "--dtype", "float32"]) == 0
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(back, attn_implementation="eager")
+  np.testing.assert_allclose(
+      _hf_logits(reloaded.float().eval(), tokens, mask)[valid], theirs[valid], atol=1e-5
+  )
+
+
 def test_value_model_from_the_imported_trunk_starts_at_zero(family):
   """As the train stage builds it (`build.value_params_from`): the policy's trunk, a zero head."""
   _, _, _, cfg, params = family
@@ -307,6 +334,15 @@ def test_config_model_path_gives_the_stages_the_pretrained_policy(llama_dir, tmp
   state = init_fn(jax.random.key(0))
   np.testing.assert_array_equal(
       nn.meta.unbox(state.params)["layer_1"]["mlp"]["up"]["kernel"],
+      nn.meta.unbox(boxed)["layer_1"]["mlp"]["up"]["kernel"],
+  )
+  # With model.scan_layers (the pretrained presets' default) the stages get the layers stacked.
+  config.model.scan_layers = True
+  ctx = Context(config, str(tmp_path), None, None, None, mesh)
+  assert ctx.model_cfg.scan_layers
+  state = ctx.sft_step().init_fn(jax.random.key(0))
+  np.testing.assert_array_equal(
+      nn.meta.unbox(state.params)["layers"]["mlp"]["up"]["kernel"][1],
       nn.meta.unbox(boxed)["layer_1"]["mlp"]["up"]["kernel"],
   )
 

@@ -11,7 +11,7 @@ from dqo_jax.checkpoint import restore_params
 from dqo_jax.data import prompts, tasks
 from dqo_jax.data.batches import Encoded, encode_examples
 from dqo_jax.errors import UserError
-from dqo_jax.model import ModelConfig, Transformer
+from dqo_jax.model import ModelConfig, Transformer, with_overrides
 from dqo_jax.peft_format import import_peft
 from dqo_jax.tokenizer import Tokenizer
 from dqo_jax.train import build
@@ -78,8 +78,7 @@ class Context:
   @functools.cached_property
   def model_cfg(self) -> ModelConfig:
     if self.config.model.get("path"):  # a pretrained model (dqo_jax.convert.load_pretrained)
-      cfg = convert.pretrained_config(self.config.model.path, self.config.model.dtype)
-      return dataclasses.replace(cfg, attention=self.config.model.get("attention", cfg.attention))
+      return with_overrides(convert.pretrained_config(self.config.model.path), self.config.model)
     return ModelConfig.from_config(self.config.model, self.tokenizer.vocab_size)
 
   @functools.cached_property
@@ -108,8 +107,10 @@ class Context:
 
   @functools.cached_property
   def _pretrained_params(self):
-    path, dtype = self.config.model.path, self.config.model.dtype
-    return convert.load_pretrained_params(path, self.mesh, self.rules, compute_dtype=dtype)[1]
+    path, cfg = self.config.model.path, self.model_cfg
+    return convert.load_pretrained_params(
+        path, self.mesh, self.rules, compute_dtype=cfg.dtype, scan_layers=cfg.scan_layers
+    )[1]
 
   def _initial_policy(self, key):
     return self.init_params(self.policy_model, key)

@@ -23,7 +23,7 @@ from dqo_jax import lora, methods, sharding
 from dqo_jax import rng as streams
 from dqo_jax.data.offline import offline_arrays
 from dqo_jax.data.views import process_arrays
-from dqo_jax.model import ModelConfig, Transformer, value_params_from_policy
+from dqo_jax.model import ModelConfig, Transformer, stack_layers, value_params_from_policy
 from dqo_jax.train import policy_step
 from dqo_jax.train.loop import abstract_state
 from dqo_jax.train.policy_value_step import PolicyValueState, make_policy_value_step
@@ -64,9 +64,15 @@ def _trains_value_leaf(path) -> bool:
 
 
 def boxed_init(model: Transformer, rng):
-  """Fresh parameters boxed with their logical axis names."""
+  """Fresh parameters boxed with their logical axis names. Scanned layers (`model.scan_layers`)
+  get their per-layer twin's values, stacked: one seed gives the same weights in either layout."""
   tokens = jnp.zeros((1, 8), jnp.int32)
-  return model.init(rng, tokens, jnp.ones_like(tokens))["params"]
+  init = lambda m: m.init(rng, tokens, jnp.ones_like(tokens))["params"]
+  if not model.cfg.scan_layers:
+    return init(model)
+  per_layer = init(model.clone(cfg=dataclasses.replace(model.cfg, scan_layers=False)))
+  stacked = stack_layers(meta.unbox(per_layer), model.cfg.n_layers)
+  return sharding.rebox(jax.eval_shape(lambda: init(model)), stacked)
 
 
 def value_params_from(value_model: Transformer, policy_params, rng):
