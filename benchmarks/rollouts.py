@@ -24,15 +24,18 @@ so a row reports generated tokens per second and the wall-time ratio for the sam
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
+import time
 
 import jax
 import numpy as np
 
+from benchmarks import sampler as sampler_bench
 from benchmarks.timing import interleaved, median_ratio, row
 from configs import arith
-from dqo_jax import rng
+from dqo_jax import convert, rng
 from dqo_jax.generation import generate_all
 from dqo_jax.main import run_pipeline
 from dqo_jax.stages import artifacts
@@ -40,10 +43,13 @@ from dqo_jax.stages.context import build_context
 from dqo_jax.stages.rollouts import distinct_prefixes, sample_rollouts
 from dqo_jax.workdir import open_workdir
 
-# The embedded model, and a larger one that still trains in minutes on a CPU.
+# The embedded model, and a larger one that still trains in minutes on a CPU; "tunix" is the
+# embedded model as Tunix's Llama3 computes it (its rotary base is always 1e6; untied head), for
+# the row against Tunix's sampler alone.
 SIZES = dict(
     embedded=dict(),
     large=dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536),
+    tunix=dict(rope_theta=1e6, tie_embeddings=False),
 )
 K = M = 4
 REFILL = 32  # rows refilled at a time
@@ -99,7 +105,100 @@ def _compare(ways: dict, repeats: int, label: str, target_way: str, target: floa
   ]
 
 
+def _tunix_rows(quick: bool, root: str) -> list[dict]:
+  """Sampling K = 4 responses per prompt at the sample stage's temperature: ours (one prefill per
+  prompt, refilled slots) against Tunix's Sampler given each prompt K times in batches of the
+  same rows, on the same trained weights (exported as a Hugging Face checkpoint, which Tunix
+  reads). Tunix's seconds are its worker's own, without the round trip to it."""
+  ctx, params, _ = _workload("tunix", quick, root)
+  c, repeats = ctx.config, 1 if quick else 3
+  n = 64 if quick else 128
+  prompt = ctx.rl_prompts.arrays["prompt"][:n]
+  prompt_mask = ctx.rl_prompts.arrays["prompt_mask"][:n]
+  r, tok = c.data.max_response_len, ctx.tokenizer
+  note = (
+      f"embedded model with rope_theta 1e6, untied, after {c.sft.steps} SFT steps, float32 CPU; "
+      f"{n} prompts x {K} at temperature {c.sample.temperature}, up to {r} new tokens, batch "
+      f"{c.sample.batch_size} rows"
+  )
+  name = f"sample stage K={K}, ours (shared+refilled) vs Tunix Sampler"
+  if not os.path.exists(sampler_bench.TUNIX_PYTHON):
+    why = f"Tunix not run: no python at TUNIX_PYTHON ({sampler_bench.DEFAULT_TUNIX_PYTHON})"
+    return [row(name, None, unit="generated tokens/s", notes=f"{note}; {why}")]
+
+  def ours():
+    return generate_all(
+        ctx.policy_model,
+        params,
+        prompt,
+        prompt_mask,
+        rng.key(0, "sample"),
+        batch_size=c.sample.batch_size,
+        samples_per_prompt=K,
+        refill_rows=REFILL,
+        temperature=c.sample.temperature,
+        tok=tok,
+        mesh=ctx.mesh,
+        max_new_tokens=r,
+    )
+
+  with tempfile.TemporaryDirectory() as directory:
+    convert.export_hf(
+        params, ctx.model_cfg, directory, dtype="float32", base_config=dict(pad_token_id=tok.pad_id)
+    )
+    prompts = [list(map(int, q[m.astype(bool)])) for q, m in zip(prompt, prompt_mask)]
+    spec = dict(
+        weights=directory,
+        hf_config=json.load(open(os.path.join(directory, "config.json"))),
+        sample_k=dict(
+            prompts=[q for q in prompts for _ in range(K)],
+            prompt_len=prompt.shape[1],
+            new_tokens=r,
+            pad_id=tok.pad_id,
+            eos_ids=list(tok.stop_ids),
+            temperature=float(c.sample.temperature),
+            batch=int(c.sample.batch_size),
+        ),
+    )
+    tunix = sampler_bench.TunixWorker(spec)
+    try:
+      ours(), tunix.run("sample_k")  # warm-up: compilation
+      seconds, tokens = {"ours": [], "tunix": []}, {}
+      for _ in range(repeats):
+        start = time.perf_counter()
+        s = ours()
+        seconds["ours"].append(time.perf_counter() - start)
+        tokens["ours"] = int(s.lengths.sum())
+        t, out = tunix.run("sample_k")
+        seconds["tunix"].append(t)
+        # Tunix returns each row up to its end token; ours counts the end token as generated.
+        tokens["tunix"] = sum(len(x) + (len(x) < r) for x in out)
+    finally:
+      tunix.close()
+  wall = {k: float(np.median(v)) for k, v in seconds.items()}
+  tps = {k: tokens[k] / wall[k] for k in wall}
+  return [
+      row(
+          name,
+          tps["ours"],
+          baseline=tps["tunix"],
+          ratio=tps["ours"] / tps["tunix"],
+          target=2.0,
+          at_least=True,
+          unit="generated tokens/s",
+          notes=(
+              f"{note}; google-tunix 0.1.7 in its own venv; wall {wall['ours']:.2f} s vs "
+              f"{wall['tunix']:.2f} s, median of {repeats}; mean response {tokens['ours'] / (n * K):.1f} "
+              f"tokens (ours) vs {tokens['tunix'] / (n * K):.1f} (Tunix), the same model's "
+              "distribution drawn twice"
+          ),
+      )
+  ]
+
+
 def _rows_for(size: str, quick: bool, root: str) -> list[dict]:
+  if size == "tunix":
+    return _tunix_rows(quick, root)
   ctx, params, records = _workload(size, quick, root)
   c, repeats = ctx.config, 1 if quick else 3
   # The larger model decodes about 6x slower here: a quarter of the work keeps its rows minutes.
@@ -208,7 +307,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--workdir", default="", help="where the trained models are kept")
-  parser.add_argument("--sizes", default="", help="comma-separated: embedded,large")
+  parser.add_argument("--sizes", default="", help="comma-separated: embedded,large,tunix")
   args = parser.parse_args()
   sizes = tuple(s for s in args.sizes.split(",") if s) or None
   from benchmarks.run import markdown

@@ -88,7 +88,7 @@ def _timed(fn):
   return run
 
 
-class _Tunix:
+class TunixWorker:
   """The Tunix worker subprocess; `run(name)` -> (seconds, output) of one run there."""
 
   def __init__(self, spec: dict):
@@ -298,7 +298,7 @@ def _tunix_rows(directory, params, prompt, mask, dpo_parts, ours_sample, r, repe
           ),
       ),
   )
-  tunix = _Tunix(spec)
+  tunix = TunixWorker(spec)
   try:
     ours_tokens = ours_sample()
     _, tunix_tokens = tunix.run("sample")

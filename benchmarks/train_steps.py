@@ -129,6 +129,14 @@ def _dqo_stepper(cfg: ModelConfig, batch, logprob_chunk: int = 0) -> _Stepper:
   )
 
 
+def _sft_stepper(cfg: ModelConfig, batch, logprob_chunk: int = 0) -> _Stepper:
+  policy, _, policy_params, _ = _models_and_params(cfg, logprob_chunk)
+  tx = make_optimizer(OPT, 1000)
+  return _Stepper(
+      policy_step.make_sft_step(policy, tx), TrainState.create(policy_params, tx), batch
+  )
+
+
 def steps_and_floors(size: str):
   """{name: (zero-argument call, compiled)} for the steps and the two forward+backward passes."""
   model_kwargs, b, p, r, _ = SIZES[size]
@@ -241,6 +249,11 @@ def chunked_logprob_rows(size: str) -> list[dict]:
   steppers = {"whole": _dqo_stepper(cfg, batch), "chunked": _dqo_stepper(cfg, batch, chunk)}
   times = interleaved(steppers, repeats)
   peak = {name: peak_mib(s.compiled) for name, s in steppers.items()}
+  # The SFT step holds one model: the logits are a larger share of what it holds.
+  sft_peak = {
+      name: peak_mib(_sft_stepper(cfg, batch, c).compiled)
+      for name, c in (("whole", 0), ("chunked", chunk))
+  }
   _, value, _, value_params = _models_and_params(cfg)
   value_grad = jax.grad(lambda w, b: jnp.sum(response_values(value, w, b) * response_mask(b)))
   trunk = peak_mib(jax.jit(value_grad).lower(value_params, batch).compile())
@@ -248,18 +261,19 @@ def chunked_logprob_rows(size: str) -> list[dict]:
       f"d_model {model_kwargs['d_model']}, {model_kwargs['n_layers']} layers, vocab "
       f"{LARGE_VOCAB}, batch {b} x (prompt {p} + response {r}), logprob_chunk {chunk}"
   )
+  trunk_note = f"; the value model's fwd+bwd alone (no logits): {trunk:,.0f} MiB"
   return [
-      row(
-          "peak memory DQO step, chunked log-probs / whole logits",
-          peak["chunked"],
-          baseline=peak["whole"],
-          ratio=peak["chunked"] / peak["whole"],
-          target=0.6,
-          unit="MiB",
-          notes=(
-              f"memory_analysis() of the compiled steps; {shape}; the value model's fwd+bwd "
-              f"alone (no logits): {trunk:,.0f} MiB"
-          ),
+      *(
+          row(
+              f"peak memory {label} step, chunked log-probs / whole logits",
+              mib["chunked"],
+              baseline=mib["whole"],
+              ratio=mib["chunked"] / mib["whole"],
+              target=0.6,
+              unit="MiB",
+              notes=f"memory_analysis() of the compiled steps; {shape}{extra}",
+          )
+          for label, mib, extra in (("DQO", peak, trunk_note), ("SFT", sft_peak, ""))
       ),
       row(
           "DQO step time, chunked log-probs / whole logits",

@@ -2,7 +2,8 @@
 
 Tunix 0.1.7 pins transformers 5.12.1 (ours is newer), so it lives in its own venv and this
 script imports nothing from dqo_jax. Protocol, one JSON object a line: the first stdin line is
-the spec (weights directory, shapes); each later line is "sample" or "dpo", answered by one
+the spec (weights directory, and the shapes of the runs it names: "sample", "sample_k",
+"dpo"); each later line names one of them, answered by one
 stdout line `RESULT {...}` with the seconds one run took (warm-up runs are the parent's to drop).
 """
 
@@ -83,6 +84,42 @@ def _sampler(spec):
   return run
 
 
+def _sampler_k(spec):
+  """Sampling at a temperature, the prompts (each repeated K times by the parent) in batches of
+  `batch` rows, each batch decoded until its rows reach an end token or the length limit."""
+  hf, s = spec["hf_config"], spec["sample_k"]
+  prompts = [" ".join(map(str, p)) for p in s["prompts"]]
+  p, r, batch = s["prompt_len"], s["new_tokens"], s["batch"]
+  sampler = tunix_sampler.Sampler(
+      _model(spec),
+      _Tokens(s["pad_id"], s["eos_ids"][0]),
+      tunix_sampler.CacheConfig(
+          cache_size=p + r,
+          num_layers=hf["num_hidden_layers"],
+          num_kv_heads=hf["num_key_value_heads"],
+          head_dim=hf["head_dim"],
+      ),
+  )
+  calls = [0]
+
+  def run():
+    calls[0] += 1
+    out = []
+    for i in range(0, len(prompts), batch):
+      got = sampler(
+          prompts[i : i + batch],
+          max_generation_steps=r,
+          max_prompt_length=p,
+          eos_tokens=s["eos_ids"],
+          temperature=s["temperature"],
+          seed=calls[0] * len(prompts) + i,
+      )
+      out += [np.asarray(t).tolist() for t in got.tokens]
+    return out
+
+  return run
+
+
 def _dpo(spec):
   d = spec["dpo"]
   trainer = dpo_trainer.DPOTrainer(
@@ -108,7 +145,8 @@ def _dpo(spec):
 
 def main() -> int:
   spec = json.loads(sys.stdin.readline())
-  runs = {"sample": _sampler(spec), "dpo": _dpo(spec)}
+  makers = {"sample": _sampler, "sample_k": _sampler_k, "dpo": _dpo}
+  runs = {name: make(spec) for name, make in makers.items() if name in spec}
   print("RESULT " + json.dumps({"ready": True, "jax": jax.__version__}), flush=True)
   for line in sys.stdin:
     name = line.strip()

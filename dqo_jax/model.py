@@ -444,8 +444,8 @@ class Transformer(nn.Module):
     for i in range(0 if c.scan_layers and cache is None else c.n_layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
       if c.scan_layers:
-        # Decoding reads layer i out of the stacked parameters: the caches stay one buffer per
-        # layer (below), and the slices are loop-invariant in the decode loop.
+        # A call with a cache reads layer i out of the stack, so that the caches stay one buffer
+        # per layer (below). The sampler's decode loops unstack once, outside the loop.
         p = jax.tree.map(lambda a: a[i], self.variables["params"]["layers"])
         x, kv = Block(c, parent=None).apply(
             {"params": p}, x, sliding[i], positions, masks, kv, cache_index

@@ -13,6 +13,7 @@ inside the program, so XLA updates it in place across the loop (no copy per step
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dqo_jax.model import Transformer, init_cache
+from dqo_jax.model import Transformer, init_cache, unstack_layers
 from dqo_jax.sharding import BATCH
 
 FINISH_EOS, FINISH_LENGTH, FINISH_STOP = 0, 1, 2
@@ -89,6 +90,15 @@ def _end_test(eos_id: int, stop_ids, stop_sequences):
   return test, width
 
 
+def _per_layer(model: Transformer, params):
+  """With scanned layers (`model.scan_layers`), the model and parameters laid out per layer,
+  unstacked once before a decode loop: reading each layer out of the stack inside the loop
+  copied it at every step (decoding 1.35x slower, measured on CPU)."""
+  if not model.cfg.scan_layers:
+    return model, params
+  return model.clone(cfg=dataclasses.replace(model.cfg, scan_layers=False)), unstack_layers(params)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -131,6 +141,7 @@ def generate(
   `mesh`, rows are split over its ("data", "fsdp") axes; the batch must divide by their size.
   """
   b, p = prompt.shape
+  model, params = _per_layer(model, params)
 
   def by_row(x):
     if mesh is None:
@@ -303,6 +314,7 @@ def decode_slots(
 ) -> Slots:
   """Decodes every live row, each at its own step, until at least `min_done` rows are done (a
   traced count: no recompilation) or every row is; a row ends as in `generate`."""
+  model, params = _per_layer(model, params)
   max_new = slots.toks.shape[1]
   prompt_len = slots.cache["key_mask"].shape[1] - max_new
   ender, _ = _end_test(eos_id, stop_ids, stop_sequences)

