@@ -65,3 +65,11 @@ def test_regime_study_settings_name_real_starts_config_keys_and_methods():
         assert part in node, f"{name}: config has no {key}"
         node = node[part]
     assert set(methods.split(",")) <= set(METHODS), name
+
+
+def test_the_accelerator_script_runs_the_dqo_step_and_the_sampler_of_a_tiny_model():
+  from benchmarks import gpu_step  # pylint: disable=g-import-not-at-top
+
+  r = gpu_step.run("tiny", batch=2, prompt=16, response=16, steps=1, peak_tflops=1.0)
+  assert r["flops_per_step"] > 0 and r["train_tokens_per_s"] > 0 and r["sample_tokens_per_s"] > 0
+  assert 0 < r["mfu"] < 1  # a CPU core runs far below a made-up 1 TFLOP/s peak
