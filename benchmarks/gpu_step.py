@@ -102,10 +102,11 @@ def run(size: str, batch: int, prompt: int, response: int, steps: int, peak_tflo
       _batch(config, model_cfg.vocab_size, np.random.default_rng(0)),
       sharding.batch_sharding(mesh),
   )
-  flops = float(step.lower(state[0], data).compile().cost_analysis()["flops"])
+  compiled = step.lower(state[0], data).compile()
+  flops = float(compiled.cost_analysis()["flops"])
 
   def train_step():
-    state[0], metrics = step(state[0], data)
+    state[0], metrics = compiled(state[0], data)
     return metrics
 
   step_s = _median_seconds(train_step, steps)
@@ -114,14 +115,13 @@ def run(size: str, batch: int, prompt: int, response: int, steps: int, peak_tflo
       (v for k, v in PEAK_TFLOPS.items() if device.device_kind.startswith(k)), 0.0
   )
   tokens = int(data["prompt"].shape[0]) * (prompt + response)
-  params = sft
   prompts = np.random.default_rng(1).integers(3, model_cfg.vocab_size, (8 * batch, prompt))
   prompts = jnp.asarray(prompts, jnp.int32)
 
   def sample():
     return generate(
         built.policy_model,
-        params,
+        sft,
         prompts,
         jnp.ones_like(prompts),
         jax.random.key(2),

@@ -350,9 +350,11 @@ def compile_program(config, topology: str, program: str) -> dict:
     batch = dict(
         prompt=prompt, prompt_mask=prompt, response=ints(rows, new_tokens), response_len=ints(rows)
     )
-    lower = lambda cfg: generation.logprobs_program(build.models(config, cfg)[0]).lower(
-        abstract_params(build.models(config, cfg)[0]), batch
-    )
+
+    def lower(cfg):
+      model = build.models(config, cfg)[0]
+      return generation.logprobs_program(model).lower(abstract_params(model), batch)
+
     lowered = lower(model_cfg)
   else:
     new_tokens = d.max_response_len if program == "sample" else int(config.eval.max_new_tokens)

@@ -430,6 +430,7 @@ class Transformer(nn.Module):
     block = Block
     if cache is None and self.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not c.scan_layers)
+    kvs = []
     if c.scan_layers and cache is None:
       layers = nn.scan(
           block,
@@ -440,19 +441,19 @@ class Transformer(nn.Module):
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x, _ = layers(c, name="layers")(x, jnp.asarray(sliding), positions, masks)
-    kvs = []
-    for i in range(0 if c.scan_layers and cache is None else c.n_layers):
-      kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      if c.scan_layers:
-        # A call with a cache reads layer i out of the stack, so that the caches stay one buffer
-        # per layer (below). The sampler's decode loops unstack once, outside the loop.
-        p = jax.tree.map(lambda a: a[i], self.variables["params"]["layers"])
-        x, kv = Block(c, parent=None).apply(
-            {"params": p}, x, sliding[i], positions, masks, kv, cache_index
-        )
-      else:
-        x, kv = block(c, name=f"layer_{i}")(x, sliding[i], positions, masks, kv, cache_index)
-      kvs.append(kv)
+    else:
+      for i in range(c.n_layers):
+        kv = None if cache is None else (cache["k"][i], cache["v"][i])
+        if c.scan_layers:
+          # A call with a cache reads layer i out of the stack, so that the caches stay one
+          # buffer per layer (below). The sampler's decode loops unstack once, outside the loop.
+          p = jax.tree.map(lambda a: a[i], self.variables["params"]["layers"])
+          x, kv = Block(c, parent=None).apply(
+              {"params": p}, x, sliding[i], positions, masks, kv, cache_index
+          )
+        else:
+          x, kv = block(c, name=f"layer_{i}")(x, sliding[i], positions, masks, kv, cache_index)
+        kvs.append(kv)
     # Per-layer arrays, not one stacked array: stacking would copy the whole cache every
     # decode step, while separate buffers are updated in place inside the while loop.
     x = RMSNorm(c.norm_eps, c.norm_plus_one, name="final_norm")(x)[:, first_output:]
