@@ -69,6 +69,15 @@ SETTINGS = {
     "default_lr3e-4": ("budget", "default", SAMPLED, LR3E4),
     "default_beta0.1": ("beta", "default", BETA, {"dqo.beta": 0.1, "dro.beta": 0.1}),
     "default_beta1": ("beta", "default", BETA, {"dqo.beta": 1.0, "dro.beta": 1.0}),
+    # Two rounds (sample the trained policy, train again from it: twice the steps), pi_ref kept
+    # at the SFT policy or moved to the round's start.
+    "default_rounds2": ("rounds", "default", SAMPLED, {"train.rounds": 2}),
+    "default_rounds2_previous": (
+        "rounds",
+        "default",
+        "dqo",
+        {"train.rounds": 2, "train.round_reference": "previous"},
+    ),
 }
 
 

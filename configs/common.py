@@ -44,6 +44,11 @@ def optimizer(lr, warmup_steps, *, weight_decay=0.0):
           weight_decay=weight_decay,
           grad_clip=1.0,
           b2=0.98,
+          # "adamw", or "adafactor" (factored second moment, no first moment: about no state
+          # per parameter, where AdamW keeps 8 bytes); mu_dtype: AdamW's first moment,
+          # "float32" or "bfloat16" (2 bytes less per parameter). dqo_jax/train/state.py.
+          name="adamw",
+          mu_dtype="float32",
       )
   )
 
@@ -59,6 +64,11 @@ def add_methods(c, *, steps, batch_size, policy_lr, value_lr, beta):
       # > 1: batches of similar response lengths, padded to one of at most this many widths (as
       # many train-step compilations; benchmarks/padding.py); 1: all padded to max_response_len.
       length_buckets=8,
+      # R > 1: after training, sample the trained policy as the sample stage does, train
+      # `steps` more from it, R times in all; pi_ref stays the SFT policy ("sft") or is each
+      # round's starting policy ("previous"). dqo_jax/stages/train.py.
+      rounds=1,
+      round_reference="sft",
       policy_optimizer=optimizer(policy_lr, 20),
       value_optimizer=optimizer(value_lr, 20),  # DQO's V(s) and DRO's V(x)
       # Steps in a row whose loss or gradient is not finite (their updates are skipped) before

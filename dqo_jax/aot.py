@@ -205,9 +205,10 @@ def _compile(lowered, what: str, topology: str, mesh, remedies: str):
 
 
 def _unrolled_flops(lower, model_cfg: ModelConfig, chips: int) -> float:
-  """FLOPs per chip of a program with scanned layers. XLA counts a loop's body once, so they
-  are read from the same program with the layers unrolled, `lower(cfg)`, lowered but not
-  compiled (the whole slice's arithmetic before partitioning), split evenly over the chips."""
+  """FLOPs per chip of a program with scanned layers (or micro-batches). XLA counts a loop's
+  body once, so they are read from the same program with the layers unrolled, `lower(cfg)`
+  (the step in one batch), lowered but not compiled (the whole slice's arithmetic before
+  partitioning), split evenly over the chips."""
   unrolled = lower(dataclasses.replace(model_cfg, scan_layers=False))
   # Lowered.cost_analysis() needs a backend that is not a PJRT plugin, as the TPU's is; the
   # unpartitioned HLO is the same program for any backend, so the CPU's analyses it.
@@ -229,8 +230,8 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
   builder = build.build_sft_step if stage == "sft" else build.build_train_step
   rules = sharding.logical_rules(config.mesh)
 
-  def lowered(cfg):
-    built = builder(config, cfg, mesh)
+  def lowered(cfg, step_config=config):
+    built = builder(step_config, cfg, mesh)
     args = (built.abstract_state, built.abstract_batch)
     args += (built.abstract_base,) if built.adapters else ()  # LoRA's frozen base
     step = jit_step(built.step_fn, built.state_shardings, mesh, rules, built.base_shardings)
@@ -245,7 +246,9 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
       topology,
       mesh,
       f"--config.model.remat=full, micro-batches (--config.{stage}.grad_accum_steps), LoRA "
-      "adapters (--config.model.lora.rank=16), ",
+      "adapters (--config.model.lora.rank=16), Adafactor (--config."
+      + ("sft.optimizer" if stage == "sft" else "train.policy_optimizer and value_optimizer")
+      + ".name=adafactor), ",
   )
   seconds = time.time() - t0
   mem = compiled.memory_analysis()
@@ -265,8 +268,12 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
   # The policy's state, and the value model's where the method trains one.
   states = [state.policy, state.value] if hasattr(state, "value") else [state]
   flops = float(cost["flops"])
-  if model_cfg.scan_layers:
-    flops = _unrolled_flops(lambda cfg: lowered(cfg)[1], model_cfg, len(devices))
+  section = "sft" if stage == "sft" else "train"
+  if model_cfg.scan_layers or config[section].grad_accum_steps > 1:
+    # Micro-batches are a loop too: the same arithmetic is read from the step in one batch.
+    whole = config.copy_and_resolve_references()
+    whole[section].grad_accum_steps = 1
+    flops = _unrolled_flops(lambda cfg: lowered(cfg, whole)[1], model_cfg, len(devices))
   step_s = flops / (chip.peak_tflops * 1e12)
   return dict(
       **_slice_fields(topology, kind, devices, mesh),
@@ -287,7 +294,11 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
       pallas_kernels=compiled.as_text().count("tpu_custom_call"),
       dtype=model_cfg.dtype,
       state_dtypes=sorted(
-          {str(x.dtype) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating)}
+          {
+              str(x.dtype)
+              for x in jax.tree.leaves(state)
+              if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
+          }
       ),
       batch=rows,
       seq_len=seq_len,
@@ -295,6 +306,7 @@ def compile_step(config, topology: str, stage: str = "train") -> dict:
       policy_params=_shard_bytes(states[0].params),
       value_params=_shard_bytes([s.params for s in states[1:]]),
       optimizer_state=_shard_bytes([s.opt_state for s in states]),
+      optimizers=_optimizers(config, stage, len(states)),
       batch_bytes=_shard_bytes(batch),
       arguments=mem.argument_size_in_bytes,
       outputs=mem.output_size_in_bytes,
@@ -432,6 +444,25 @@ def format_program_report(r: dict) -> str:
   )
 
 
+def _optimizers(config, stage: str, num_models: int) -> str:
+  """What the optimizer state holds, e.g. "AdamW moments" or "Adafactor factored moments"."""
+  keys = (
+      ["sft.optimizer"] if stage == "sft" else ["train.policy_optimizer", "train.value_optimizer"]
+  )
+  out = []
+  for key in keys[:num_models]:
+    section, name = key.split(".")
+    opt = config[section][name]
+    text = (
+        "Adafactor factored moments"
+        if opt.get("name", "adamw") == "adafactor"
+        else "AdamW moments" + (", mu in bfloat16" if opt.get("mu_dtype") == "bfloat16" else "")
+    )
+    if text not in out:
+      out.append(text)
+  return "; ".join(out)
+
+
 def format_report(r: dict) -> str:
   gib = lambda b: f"{b / 2**30:8.2f} GiB"
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
@@ -456,7 +487,7 @@ def format_report(r: dict) -> str:
       f"  policy parameters    {gib(r['policy_params'])}"
       + ("   (adapters)" if r["lora_rank"] else ""),
       f"  value parameters     {gib(r['value_params'])}",
-      f"  optimizer state      {gib(r['optimizer_state'])}   (AdamW moments)",
+      f"  optimizer state      {gib(r['optimizer_state'])}   ({r['optimizers']})",
       "  reference parameters     0.00 GiB   (not resident: the batch carries the reference "
       "log-probs the sample stage computed)",
       f"  batch                {gib(r['batch_bytes'])}",

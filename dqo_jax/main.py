@@ -70,6 +70,7 @@ def check_config(config) -> list[str]:
   from dqo_jax.model import REMAT_POLICIES, unknown_config_keys
   from dqo_jax.stages.context import STAGES
   from dqo_jax.train import accumulate
+  from dqo_jax.train.state import check_optimizer
 
   stages = [s.strip() for s in config.stages.split(",") if s.strip()]
   unknown = [s for s in stages if s not in STAGES]
@@ -108,6 +109,9 @@ def check_config(config) -> list[str]:
     if not isinstance(buckets, int) or buckets < 1:
       raise UserError(f"config.{section}.length_buckets={buckets!r} must be 1 (off) or more")
   method.check(config)
+  _check_rounds(config, method)
+  for key in ("sft.optimizer", "train.policy_optimizer", "train.value_optimizer"):
+    check_optimizer(_lookup(config, key), key)
   for section in ("sft", "train"):
     if config[section].max_consecutive_nonfinite < 1:
       raise UserError(f"config.{section}.max_consecutive_nonfinite must be at least 1")
@@ -117,6 +121,27 @@ def check_config(config) -> list[str]:
         f"config.log_every={config.log_every}"
     )
   return stages
+
+
+def _check_rounds(config, method) -> None:
+  from dqo_jax import lora
+
+  rounds, reference = config.train.get("rounds", 1), config.train.get("round_reference", "sft")
+  if not isinstance(rounds, int) or rounds < 1:
+    raise UserError(f"config.train.rounds={rounds!r} must be 1 (one round) or more")
+  if reference not in ("sft", "previous"):
+    raise UserError(f"config.train.round_reference={reference!r}; choose from sft, previous")
+  if rounds == 1:
+    return
+  why = None
+  if not method.reads_samples:
+    why = f"{config.method} trains on the gold solutions, not on samples"
+  elif method.needs_rollouts(config):
+    why = "process supervision's rollouts are of the SFT policy's samples only"
+  elif lora.enabled(config, "train"):
+    why = "LoRA runs train adapters over the SFT policy, not over an earlier round's"
+  if why:
+    raise UserError(f"config.train.rounds={rounds} is not supported here ({why}); set it to 1")
 
 
 def _batch_sizes(config) -> list[str]:

@@ -23,6 +23,8 @@ STREAMS = (
     "train.init",  # the value head (and any fresh parameter) of the train stage
     "train.batches",  # the train stage's batch order and the views' subsets
     "train.lora_dropout",  # the train stage's adapter dropout masks (folded with the step)
+    "rounds.sample",  # with train.rounds > 1: round r's samples (folded with r)
+    "rounds.init",  # with train.rounds > 1: round r's fresh value head (folded with r)
     "monitor.objective",  # the samples of E[R] - beta KL while training (folded with the step)
     "eval.sampled",  # temperature samples of the accuracy, pass@k and maj@k
     "eval.objective",  # the samples of E[R] - beta KL at evaluation

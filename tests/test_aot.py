@@ -80,6 +80,28 @@ def test_compile_only_reports_memory_and_flops_of_the_dqo_step():
   assert tpu_env() == env
 
 
+def test_compile_only_reports_smaller_optimizer_states_and_whole_step_flops_of_micro_batches():
+  config = _arith_tiny()
+  config.mesh.update(data=2, fsdp=-1, tensor=1)
+  adamw = aot.compile_step(config, "v4-8")
+  for key in ("policy_optimizer", "value_optimizer"):
+    config.train[key].mu_dtype = "bfloat16"
+  half_mu = aot.compile_step(config, "v4-8")
+  assert half_mu["state_dtypes"] == ["bfloat16", "float32"]
+  assert half_mu["optimizer_state"] == pytest.approx(0.75 * adamw["optimizer_state"], rel=0.01)
+  assert "(AdamW moments, mu in bfloat16)" in aot.format_report(half_mu)
+  for key in ("policy_optimizer", "value_optimizer"):
+    config.train[key].update(name="adafactor", mu_dtype="float32")
+  # The tiny model's matrices are narrower than Adafactor factors (128): a full second moment.
+  r = aot.compile_step(config, "v4-8")
+  assert r["optimizer_state"] == pytest.approx(0.5 * adamw["optimizer_state"], rel=0.01)
+  assert "(Adafactor factored moments)" in aot.format_report(r)
+  # Micro-batches are a loop whose body XLA counts once: the FLOPs are still the whole step's.
+  config.train.grad_accum_steps = 2
+  accumulated = aot.compile_step(config, "v4-8")
+  assert accumulated["flops_per_chip"] == pytest.approx(r["flops_per_chip"], rel=0.1)
+
+
 def test_compile_only_reports_the_adapters_and_the_frozen_base_of_a_lora_run():
   config = _arith_tiny()
   config.mesh.update(data=2, fsdp=-1, tensor=1)

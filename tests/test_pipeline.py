@@ -136,6 +136,8 @@ def test_a_run_stopped_by_sigterm_resumes_from_its_checkpoint(tmp_path):
         ("--num_processes=2", "needs all of --coordinator_address=HOST:PORT"),
         ("--config.model.attention=pallas_tpu", "runs only on TPU (here: cpu)"),
         ("--config.method=ppo", "choose from sft, rft, dpo, kto, rloo, dro, dqo"),
+        ("--config.train.round_reference=last", "choose from sft, previous"),
+        ("--config.train.value_optimizer.name=lion", "choose from adamw, adafactor"),
     ],
 )
 def test_bad_config_gets_one_line_error(tmp_path, override, expected):
@@ -295,3 +297,45 @@ def test_process_supervision_rolls_out_every_step_once(finished, tmp_path):
   assert summary["rollouts"] == 2 * summary["prefixes"]  # rollouts_per_step=2 in :tiny
   assert os.path.exists(workdir / "dqo_ps" / "DONE.json")
   assert "dqo_ps" in json.loads((workdir / "results.json").read_text())
+
+
+def test_rounds_sample_the_last_policy_and_resume_after_a_finished_round(finished, tmp_path):
+  """train.rounds=2 with pi_ref updated: round 2 samples the policy round 1 ended with, stores
+  that policy's log-probs as pi_ref's (at temperature 1 they equal the sampler's), and trains
+  from it. Stopped after round 1, a rerun skips round 1 and ends where the uninterrupted run
+  did: the same round-2 samples and the same final metrics."""
+  workdir = _copy_of(finished, tmp_path)
+  rounds = ("--config.train.rounds=2", "--config.train.round_reference=previous")
+  proc = _run(workdir, *rounds, "--config.stages=sft,sample,train", "--redo=train")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  run = workdir / "dqo"
+  first = json.loads((run / "round1" / "ROUND_DONE.json").read_text())
+  assert first["round"] == 1 and first["steps"] == 10
+  done = json.loads((run / "DONE.json").read_text())["summary"]
+  assert done["round"] == 2 and done["samples"]["num_samples"] == 64
+  samples = read_records(str(run / "samples.array_record"))
+  assert len(samples) == 64
+  gap = max(abs(b - r) for s in samples for b, r in zip(s["behaviour_logprobs"], s["ref_logprobs"]))
+  assert gap < 1e-4
+  assert samples != read_records(str(workdir / "sample" / "samples.array_record"))
+  samples_bytes = (run / "samples.array_record").read_bytes()
+  round1_files = {p: p.stat().st_mtime for p in (run / "round1").rglob("*") if p.is_file()}
+
+  for name in ("DONE.json", "checkpoints", "tb", "samples.array_record", "skipped_updates.json"):
+    path = run / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+  proc = _run(workdir, *rounds, "--config.stages=sft,sample,train")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "[dqo] round 2 of 2: 64 samples of the round 1 policy" in proc.stdout
+  assert {p: p.stat().st_mtime for p in (run / "round1").rglob("*") if p.is_file()} == round1_files
+  assert (run / "samples.array_record").read_bytes() == samples_bytes
+  again = json.loads((run / "DONE.json").read_text())["summary"]
+  assert again["final_metrics"] == done["final_metrics"]
+
+
+def test_rounds_are_refused_where_there_is_no_policy_to_sample(tmp_path):
+  proc = _run(tmp_path, "--config.train.rounds=2", "--config.dqo.process.enabled=True")
+  assert _error_line(proc) == (
+      "error: config.train.rounds=2 is not supported here (process supervision's rollouts are "
+      "of the SFT policy's samples only); set it to 1"
+  )

@@ -17,12 +17,14 @@ POTENTIALS_FILE = "potentials.array_record"  # the rollouts stage's Phi(s_t) per
 POTENTIAL_FIELDS = ("boundaries", "potentials")
 
 
-def write_samples(ctx: Context, records: list[dict]) -> None:
-  write_records(os.path.join(ctx.stage_dir("sample"), SAMPLES_FILE), records)
+def write_samples(ctx: Context, records: list[dict], directory: str = "sample") -> None:
+  """The offline dataset, in DIR/sample/ (or, for `train.rounds` > 1, a round's directory)."""
+  write_records(os.path.join(ctx.stage_dir(directory), SAMPLES_FILE), records)
 
 
-def read_samples(ctx: Context) -> list[dict]:
-  return read_records(os.path.join(ctx.workdir, "sample", SAMPLES_FILE), fields=SAMPLE_FIELDS)
+def read_samples(ctx: Context, directory: str = "sample") -> list[dict]:
+  path = os.path.join(ctx.workdir, directory, SAMPLES_FILE)
+  return read_records(path, fields=SAMPLE_FIELDS)
 
 
 def write_potentials(ctx: Context, records: list[dict]) -> None:
@@ -35,11 +37,12 @@ def read_potentials(ctx: Context) -> list[dict]:
   return read_records(path, stage="rollouts", fields=POTENTIAL_FIELDS)
 
 
-def trained_policy_params(ctx: Context, sft_params=None):
-  """The trained policy of `config.method`, read from its run's newest checkpoint (with LoRA:
-  its adapters, folded into the SFT policy, their base: `sft_params()`, by default read from
-  the SFT checkpoint)."""
+def trained_policy_params(ctx: Context, sft_params=None, directory: str | None = None):
+  """The trained policy of `config.method`, read from its run's newest checkpoint (or that of
+  `directory`, e.g. an earlier round's; with LoRA: its adapters, folded into the SFT policy,
+  their base: `sft_params()`, by default read from the SFT checkpoint)."""
   step = build_train_step(ctx.config, ctx.model_cfg, ctx.mesh)
-  state = restore_params(ctx.checkpoint_dir(methods.run_name(ctx.config)), step.abstract_state)
+  directory = directory or methods.run_name(ctx.config)
+  state = restore_params(ctx.checkpoint_dir(directory), step.abstract_state)
   base = step.base_of((sft_params or ctx.sft_params)()) if step.adapters else None
   return step.policy_params(state, base)

@@ -6,7 +6,7 @@ so a redo cut short leaves stages to run, never a stage marked done without its 
   sft       everything below: the samples, rollouts, every method's run and every evaluation
   sample    the rollouts, every run that trains on the samples, their evaluations
   rollouts  the DQO process-supervision run (dqo_ps) and its evaluation
-  train     the run of `config.method` and its evaluation
+  train     the run of `config.method` (with its earlier rounds) and its evaluation
   eval      the evaluations of the SFT policy and of `config.method`
 
 Only the files the pipeline writes are removed (`PIPELINE_FILES`); anything else a user put in
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 from etils import epath
@@ -86,6 +87,16 @@ def redo(config, wd: Workdir, stages: list[str]) -> list[str]:
   for name in PIPELINE_FILES:
     for label in labels:
       if remove(wd, os.path.join(label, name)):
+        removed.append(label)
+  for label in labels:  # the earlier rounds of `train.rounds` > 1, whole
+    local = os.path.join(wd.path, label)
+    rounds = (
+        [e for e in os.listdir(local) if re.fullmatch(r"round\d+", e)]
+        if os.path.isdir(local)
+        else []
+    )
+    for entry in rounds:
+      if remove(wd, os.path.join(label, entry)):
         removed.append(label)
   _drop_results(wd, [os.path.relpath(l, "eval") for l in labels if l.startswith("eval")])
   wd.push()

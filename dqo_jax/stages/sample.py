@@ -21,9 +21,18 @@ from dqo_jax.stages.context import Context
 
 
 def run(ctx: Context) -> dict:
+  params = ctx.sft_params()
+  records, summary = draw(ctx, params, params, rng.key(ctx.config.seed, "sample"))
+  artifacts.write_samples(ctx, records)
+  return summary
+
+
+def draw(ctx: Context, params, ref_params, key) -> tuple[list[dict], dict]:
+  """(records, summary): `sample.samples_per_prompt` responses of the policy `params` to each of
+  the first `sample.num_prompts` RL prompts, graded, with the log-probs of `ref_params` (pi_ref)
+  beside the sampler's own; also what `train.rounds` > 1 draws from the current policy."""
   cfg, tok = ctx.config, ctx.tokenizer
   s = cfg.sample
-  params = ctx.sft_params()
   pool = ctx.rl_prompts
   n_prompts = len(pool) if s.num_prompts < 0 else min(s.num_prompts, len(pool))
   k = s.samples_per_prompt
@@ -33,7 +42,7 @@ def run(ctx: Context) -> dict:
       params,
       pool.arrays["prompt"][:n_prompts],
       pool.arrays["prompt_mask"][:n_prompts],
-      rng.key(cfg.seed, "sample"),
+      key,
       tok=tok,
       mesh=ctx.mesh,
       batch_size=s.batch_size,
@@ -51,7 +60,7 @@ def run(ctx: Context) -> dict:
   )
   ref = logprobs_of(
       ctx.policy_model,
-      params,
+      ref_params,
       prompt,
       prompt_mask,
       samples.tokens,
@@ -77,15 +86,16 @@ def run(ctx: Context) -> dict:
             text=texts[i],
         )
     )
-  artifacts.write_samples(ctx, records)
-
   correct = np.array([g.correct for g in grades]).reshape(n_prompts, k)
   lengths = samples.lengths
   mask = np.arange(samples.tokens.shape[1])[None] < lengths[:, None]
-  # At temperature 1 the sampler's and the training pass's log-probs must agree: a cheap check
-  # that the KV-cache decode path and the full forward pass compute the same model.
-  gap = float(np.abs(samples.logprobs - ref)[mask].max()) if s.temperature == 1.0 else None
-  return dict(
+  # At temperature 1, sampling from pi_ref, the sampler's and the training pass's log-probs must
+  # agree: a cheap check that the KV-cache decode path and the full forward pass compute the
+  # same model.
+  gap = None
+  if s.temperature == 1.0 and params is ref_params:
+    gap = float(np.abs(samples.logprobs - ref)[mask].max())
+  return records, dict(
       num_prompts=n_prompts,
       samples_per_prompt=k,
       num_samples=len(records),

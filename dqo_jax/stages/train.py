@@ -9,23 +9,29 @@ initialised from the SFT trunk with a fresh zero scalar head. Outputs go to DIR/
 
 from __future__ import annotations
 
-from dqo_jax import lora, methods, rng
+import os
+
+import jax
+
+from dqo_jax import distributed, lora, methods, rng
 from dqo_jax.data.offline import offline_arrays
 from dqo_jax.generation import logprobs_of
 from dqo_jax.stages import artifacts
 from dqo_jax.stages.context import Context
+from dqo_jax.metrics import write_json_atomic
 from dqo_jax.stages.measure import accuracy_monitor
+from dqo_jax.stages.sample import draw
 from dqo_jax.train.build import build_train_step
 from dqo_jax.train.loop import fit
 
 
-def train_data(ctx: Context, reference) -> methods.TrainData:
-  """What the method's view may read: the gold solutions, the samples, the rollouts;
-  `reference()` gives pi_ref's parameters."""
+def train_data(ctx: Context, reference, samples_dir: str = "sample") -> methods.TrainData:
+  """What the method's view may read: the gold solutions, the samples (in `samples_dir`), the
+  rollouts; `reference()` gives pi_ref's parameters."""
   cfg = ctx.config
 
   def read_samples():
-    records = artifacts.read_samples(ctx)
+    records = artifacts.read_samples(ctx, samples_dir)
     return records, offline_arrays(
         records, cfg.data, ctx.tokenizer.pad_id, ctx.model_cfg.vocab_size
     )
@@ -44,40 +50,101 @@ def train_data(ctx: Context, reference) -> methods.TrainData:
 
 
 def run(ctx: Context) -> dict:
+  """One round (`train.rounds` = 1): the method on the sample stage's samples, from the SFT
+  policy, with the SFT policy as pi_ref. With R rounds, round r > 1 samples the policy round
+  r - 1 ended with, as the sample stage does, and trains `train.steps` more steps from it; pi_ref
+  stays the SFT policy (`train.round_reference="sft"`) or is the round's starting policy
+  ("previous"). Rounds 1 to R - 1 write to DIR/<run>/round<r>/, the last to DIR/<run>/, where
+  the evaluation reads it; a finished round is skipped when the stage resumes."""
   cfg = ctx.config
   name = methods.run_name(cfg)
-  held = dict(sft=ctx.sft_params())
+  rounds = cfg.train.get("rounds", 1)
+  if rounds == 1:
+    return _train(ctx, name, "sample")[1]
+  sft = ctx.sft_params()
+  start = sft
+  for r in range(1, rounds + 1):
+    directory = name if r == rounds else os.path.join(name, f"round{r}")
+    if r < rounds and os.path.exists(os.path.join(ctx.workdir, directory, ROUND_DONE)):
+      start = artifacts.trained_policy_params(ctx, directory=directory)
+      continue
+    reference = start if cfg.train.round_reference == "previous" else sft
+    drawn = None
+    if r > 1 and not os.path.exists(os.path.join(ctx.workdir, directory, artifacts.SAMPLES_FILE)):
+      key = jax.random.fold_in(rng.key(cfg.seed, "rounds.sample"), r)
+      records, drawn = draw(ctx, start, reference, key)
+      artifacts.write_samples(ctx, records, directory)
+      ctx.copy_up()
+      distributed.barrier(f"{directory} samples")  # every process reads what process 0 wrote
+      if ctx.remote is not None and not distributed.is_writer():
+        ctx.remote.pull()
+      print(
+          f"[{name}] round {r} of {rounds}: {drawn['num_samples']} samples of the round {r - 1} "
+          f"policy, {drawn['fraction_correct']:.3f} correct, {drawn['prompts_mixed']:.3f} of "
+          "prompts mixed"
+      )
+    samples_dir = "sample" if r == 1 else directory
+    start, summary = _train(ctx, directory, samples_dir, (r, start, reference, sft))
+    summary = dict(summary, round=r, **({"samples": drawn} if drawn else {}))
+    if r < rounds:
+      write_json_atomic(os.path.join(ctx.workdir, directory, ROUND_DONE), summary)
+      print(f"[{name}] round {r} of {rounds} done: its summary is in {directory}/{ROUND_DONE}")
+  return summary
 
-  def reference():
-    # pi_ref: the SFT policy; with QLoRA, which holds it only quantized once the base is built,
-    # that base dequantized when read (also where the policy starts).
-    return held["sft"] if held["sft"] is not None else lora.dequantize(base)
 
-  view = methods.of(cfg).view(train_data(ctx, reference))
+# Written in a round's directory when `train.rounds` > 1 finished it (the last round's is the
+# stage's DONE.json).
+ROUND_DONE = "ROUND_DONE.json"
+
+
+def _train(ctx: Context, directory: str, samples_dir: str, rounds=None):
+  """(the trained policy's parameters, summary) of one run of the method in DIR/<directory> on
+  the samples in DIR/<samples_dir>: from the SFT policy, which is also pi_ref, or with `rounds`
+  = (round r, its starting policy, its pi_ref, the SFT policy) from that round's start."""
+  cfg = ctx.config
+  name = methods.run_name(cfg)
+  round_index, start, reference, sft = rounds or (1, None, None, None)
+  held = dict(start=ctx.sft_params() if start is None else start)
+
+  def start_params():
+    # The SFT policy in one round; with QLoRA, which holds it only quantized once the base is
+    # built, that base dequantized when read (also where the policy starts).
+    return held["start"] if held["start"] is not None else lora.dequantize(base)
+
+  view = methods.of(cfg).view(
+      train_data(ctx, start_params if reference is None else lambda: reference, samples_dir)
+  )
   step = build_train_step(cfg, ctx.model_cfg, ctx.mesh, view)
-  base = step.base_of(held["sft"])  # LoRA's frozen base, else None
+  base = step.base_of(held["start"])  # LoRA's frozen base, else None
   if step.quantized_base:
-    held["sft"] = None
-  _, summary = fit(
-      stage_dir=ctx.stage_dir(name),
+    held["start"] = None
+  init_key = rng.key(cfg.seed, "train.init")
+  if round_index > 1:
+    init_key = jax.random.fold_in(rng.key(cfg.seed, "rounds.init"), round_index)
+  state, summary = fit(
+      stage_dir=ctx.stage_dir(directory),
       init_fn=step.init_fn,
       step_fn=step.step_fn,
       batch_at=view.batch_at,
       num_steps=cfg.train.steps,
       mesh=ctx.mesh,
       rules=ctx.rules,
-      rng=rng.key(cfg.seed, "train.init"),
+      rng=init_key,
       checkpoint_cfg=cfg.checkpoint,
       max_nonfinite=cfg.train.max_consecutive_nonfinite,
       log_every=cfg.log_every,
-      desc=name,
-      init_args=(held["sft"],),  # None with QLoRA, whose adapters start without it
+      desc=name if rounds is None else f"{name} round {round_index}",
+      init_args=(held["start"],),  # None with QLoRA, whose adapters start without it
       on_log=accuracy_monitor(
-          ctx, lambda state: step.policy_params(state, base), ref_params_of=reference
+          ctx,
+          lambda state: step.policy_params(state, base),
+          # E[R] - beta KL is measured against the SFT policy, whatever the round's pi_ref.
+          ref_params_of=start_params if sft is None else lambda: sft,
       ),
-      checkpoint_dir=ctx.checkpoint_dir(name),
+      checkpoint_dir=ctx.checkpoint_dir(directory),
       on_save=ctx.copy_up,
       base=base,
       base_shardings=step.base_shardings,
   )
-  return dict(summary, method=cfg.method, examples=view.size, **view.describe)
+  summary = dict(summary, method=cfg.method, examples=view.size, **view.describe)
+  return step.policy_params(state, base), summary
