@@ -21,7 +21,6 @@ import re
 import time
 
 import jax
-import numpy as np
 
 from dqo_jax import convert, hf_config, sharding
 from dqo_jax.errors import UserError
