@@ -211,6 +211,46 @@ def plot(study: dict, path_prefix: str) -> list[str]:
   return written
 
 
+def plot_gains(study: dict, start: str, path: str) -> bool:
+  """Every setting of one SFT start in one figure: each method's validation accuracy minus the
+  start's (greedy, sampled) and its KL from the start on training prompts, so that the axes can
+  be compared at a glance. False if no setting of `start` has finished."""
+  names = sorted(
+      (n for n, s in study.items() if s["start"] == start), key=lambda n: n != f"{start}_ref"
+  )
+  if not names:
+    return False
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  methods = sorted({m for n in names for m in study[n]["methods"]})
+  fig, panels = plt.subplots(1, 3, figsize=(16, 4))
+  x, width = np.arange(len(names)), 0.8 / len(methods)
+  for panel, key in zip(panels, ("greedy", "sampled", "kl_train")):
+    for i, m in enumerate(methods):
+      vals = []
+      for n in names:
+        r = study[n]["methods"].get(m, {})
+        base = 0.0 if key == "kl_train" else study[n]["sft_start"][key]
+        vals.append(np.nan if r.get(key) is None else r[key] - base)
+      panel.bar(x + (i - len(methods) / 2 + 0.5) * width, vals, width, label=m)
+    panel.axhline(0, color="black", lw=0.8)
+    panel.set_xticks(x, names, rotation=25, ha="right")
+    panel.set_ylabel(
+        "KL(pi || SFT), training prompts"
+        if key == "kl_train"
+        else f"validation {key} accuracy - SFT start"
+    )
+  panels[0].legend(fontsize=8)
+  fig.suptitle(f"start {start}: one seed per setting (an RL seed's spread is about 0.01)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def plot_sft_curves(study: str, path: str) -> None:
   """Greedy validation accuracy of each SFT start while it trained (its monitor's slice)."""
   import matplotlib
@@ -260,6 +300,10 @@ def main() -> None:
   with open(os.path.join(study, "study.md"), "w") as f:
     f.write(table)
   figures = plot(results, os.path.join(study, "study"))
+  for start in STARTS:
+    path = os.path.join(study, f"study_gains_{start}.png")
+    if plot_gains(results, start, path):
+      figures.append(path)
   plot_sft_curves(study, os.path.join(study, "study_sft.png"))
   figures.append(os.path.join(study, "study_sft.png"))
   print(table + "\nwritten: " + ", ".join(["study.json", "study.md"] + figures))

@@ -197,7 +197,8 @@ def test_a_run_without_done_json_is_not_evaluated(tmp_path):
 
 
 def test_redo_removes_the_stage_and_what_depends_on_it(tmp_path):
-  """`--redo=sample`: the samples and every run and evaluation that read them go; the SFT
+  """`--redo=sample`: the samples and every run (earlier rounds too) and evaluation that read
+  them go; the SFT
   checkpoint, its evaluation, continued SFT and files the pipeline did not write stay."""
   for label in ("sft", "sample", "dqo", "sft_continued", "eval/sft", "eval/dqo"):
     (tmp_path / label).mkdir(parents=True)
@@ -205,6 +206,8 @@ def test_redo_removes_the_stage_and_what_depends_on_it(tmp_path):
   (tmp_path / "sample" / "samples.array_record").write_text("x")
   (tmp_path / "sample" / "notes.txt").write_text("mine")
   (tmp_path / "dqo" / "checkpoints" / "10").mkdir(parents=True)
+  (tmp_path / "dqo" / "round1" / "checkpoints" / "10").mkdir(parents=True)  # train.rounds=2
+  (tmp_path / "dqo" / "round1" / "ROUND_DONE.json").write_text("{}")
   (tmp_path / "eval" / "dqo" / "result.json").write_text("{}")
   (tmp_path / "results.json").write_text(json.dumps({"sft": {}, "dqo": {}}))
   removed = redo.redo(_config(), Workdir(str(tmp_path)), ["sample"])
