@@ -16,9 +16,9 @@ import jax
 from dqo_jax import distributed, lora, methods, rng
 from dqo_jax.data.offline import offline_arrays
 from dqo_jax.generation import logprobs_of
+from dqo_jax.metrics import write_json_atomic
 from dqo_jax.stages import artifacts
 from dqo_jax.stages.context import Context
-from dqo_jax.metrics import write_json_atomic
 from dqo_jax.stages.measure import accuracy_monitor
 from dqo_jax.stages.sample import draw
 from dqo_jax.train.build import build_train_step
@@ -61,13 +61,16 @@ def run(ctx: Context) -> dict:
   rounds = cfg.train.get("rounds", 1)
   if rounds == 1:
     return _train(ctx, name, "sample")[1]
+  directories = [os.path.join(name, f"round{r}") for r in range(1, rounds)] + [name]
+  finished = lambda r: os.path.exists(os.path.join(ctx.workdir, directories[r - 1], ROUND_DONE))
+  first = next(r for r in range(1, rounds + 1) if r == rounds or not finished(r))
   sft = ctx.sft_params()
-  start = sft
-  for r in range(1, rounds + 1):
-    directory = name if r == rounds else os.path.join(name, f"round{r}")
-    if r < rounds and os.path.exists(os.path.join(ctx.workdir, directory, ROUND_DONE)):
-      start = artifacts.trained_policy_params(ctx, directory=directory)
-      continue
+  # Resuming: the newest finished round's policy, read once.
+  start = (
+      sft if first == 1 else artifacts.trained_policy_params(ctx, directory=directories[first - 2])
+  )
+  for r in range(first, rounds + 1):
+    directory = directories[r - 1]
     reference = start if cfg.train.round_reference == "previous" else sft
     drawn = None
     if r > 1 and not os.path.exists(os.path.join(ctx.workdir, directory, artifacts.SAMPLES_FILE)):
@@ -147,4 +150,5 @@ def _train(ctx: Context, directory: str, samples_dir: str, rounds=None):
       base_shardings=step.base_shardings,
   )
   summary = dict(summary, method=cfg.method, examples=view.size, **view.describe)
-  return step.policy_params(state, base), summary
+  # Only a next round needs the policy as parameters (with LoRA, folding would copy the base).
+  return (step.policy_params(state, base) if rounds else None), summary
