@@ -9,7 +9,8 @@ No downloads: the problems are generated, the tokenizer is trained on them on fi
 
 The default is the regime in which RL has something to add (docs/results.md, "The regime"): SFT
 on the worked solutions of 1,000 training problems for 3,000 steps (on validation, accuracy rose
-little after 2,800 of a 3,600-step run, and 3,000 keep the README command under 15 minutes), then
+little after 2,800 of a 3,600-step run, and 3,000 kept the README command under 15 minutes on
+the machine of 2026-12-05; it takes 22 on the slower one of 2026-12-06, docs/results.md), then
 RL on 6,000 other training problems of which only the final answer is known, at policy lr 3e-5.
 There, SFT trained further learns nothing new and the reward is the only new signal. The RL
 setting was chosen on validation over five SFT starts ("The regime on the shipped default's
